@@ -1,0 +1,347 @@
+"""The package's on-disk dataset format, shared by the synth generator and the RichHF-18K converter.
+
+Layout of one dataset directory ``ROOT``::
+
+    ROOT/dataset.json                    {"format": "rahf-dataset", "version": 1, "source": ..., "splits": {...}}
+    ROOT/<split>/manifest.jsonl          one JSON object per line (one per record), UTF-8
+    ROOT/<split>/images/<uid>.<ext>      the image, original bytes (png, jpg, webp, ...)
+    ROOT/<split>/implausibility/<uid>.png  8-bit grayscale PNG, pixel = round(255 * value)
+    ROOT/<split>/misalignment/<uid>.png    same for the misalignment heatmap
+
+A manifest line::
+
+    {"uid": "000123", "prompt": "a yellow cat on a red mat",
+     "tagged_prompt": "a yellow_0 cat on a red mat",
+     "scores": {"plausibility": 0.8, "alignment": 0.4, "aesthetics": 0.6, "overall": 0.5},
+     "image": "images/000123.png",
+     "implausibility_map": "implausibility/000123.png",
+     "misalignment_map": "misalignment/000123.png"}
+
+Paths are relative to the split directory. ``prompt`` is the clean words joined by single spaces
+(see :func:`split_words`); ``tagged_prompt`` has ``_0`` appended to each misaligned word.
+All four scores are in [0, 1], higher is better.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+SCORE_NAMES: tuple[str, ...] = ("plausibility", "alignment", "aesthetics", "overall")
+MAP_NAMES: tuple[str, ...] = ("implausibility", "misalignment")
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
+FORMAT_NAME = "rahf-dataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.jsonl"
+TAG = "_0"
+
+# SPEC §1: split the caption on any of , . ? ! " : ; and whitespace, dropping empty strings.
+_WORD_SPLIT = re.compile(r'[,.?!":;\s]+')
+
+
+class DataError(ValueError):
+    """A problem with one record (or one file) of a dataset. The message names the record."""
+
+    def __init__(self, uid: str | None, problem: str, where: str | None = None):
+        self.uid = uid
+        self.problem = problem
+        self.where = where
+        loc = f" in {where}" if where else ""
+        super().__init__(f"record {uid!r}{loc}: {problem}" if uid is not None else f"{where or 'dataset'}: {problem}")
+
+
+def split_words(caption: str) -> list[str]:
+    """Split a caption into words by SPEC §1's rule (``, . ? ! " : ;`` and whitespace)."""
+    return [w for w in _WORD_SPLIT.split(caption) if w]
+
+
+def clean_prompt(caption: str) -> str:
+    """The clean prompt: the caption's words joined by single spaces."""
+    return " ".join(split_words(caption))
+
+
+def tag_words(words: Sequence[str], misaligned: Sequence[bool]) -> str:
+    """Join ``words`` with single spaces, appending ``_0`` to each misaligned word."""
+    if len(words) != len(misaligned):
+        raise ValueError(f"{len(words)} words but {len(misaligned)} labels")
+    return " ".join(w + TAG if bad else w for w, bad in zip(words, misaligned))
+
+
+def parse_tagged(tagged: str) -> tuple[list[str], list[bool]]:
+    """Inverse of :func:`tag_words`: ``"a yellow_0 cat"`` -> (["a", "yellow", "cat"], [False, True, False])."""
+    words, flags = [], []
+    for tok in tagged.split():
+        bad = tok.endswith(TAG) and len(tok) > len(TAG)
+        words.append(tok[: -len(TAG)] if bad else tok)
+        flags.append(bad)
+    return words, flags
+
+
+def map_to_png_bytes(heatmap: np.ndarray) -> bytes:
+    """Encode a float map in [0, 1] (H, W) as an 8-bit grayscale PNG (value * 255, rounded)."""
+    arr = np.asarray(heatmap, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("heatmap has NaN or inf values")
+    u8 = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_map(path: str | os.PathLike, uid: str | None = None) -> np.ndarray:
+    """Read an 8-bit grayscale PNG heatmap as float32 (H, W) in [0, 1]. Errors name the record."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "1"):
+                raise DataError(uid, f"heatmap {Path(path).name} has mode {im.mode!r}; expected 8-bit grayscale 'L'")
+            arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(uid, f"heatmap file missing: {path}") from None
+    except Exception as e:  # PIL raises many kinds
+        raise DataError(uid, f"heatmap {Path(path).name} does not decode: {e}") from e
+    return arr
+
+
+def load_image(path: str | os.PathLike, uid: str | None = None) -> Image.Image:
+    """Open an image file as PIL RGB, fully decoded. Errors name the record."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(uid, f"image file missing: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(uid, f"image {Path(path).name} is a decompression bomb: {e}") from e
+    except Exception as e:
+        raise DataError(uid, f"image {Path(path).name} does not decode: {e}") from e
+
+
+@dataclass
+class Example:
+    """One loaded record."""
+
+    uid: str
+    prompt: str
+    tagged_prompt: str
+    scores: dict[str, float]
+    image: Image.Image
+    implausibility_map: np.ndarray
+    misalignment_map: np.ndarray
+
+    @property
+    def words(self) -> list[str]:
+        return self.prompt.split()
+
+    @property
+    def misaligned(self) -> list[bool]:
+        return parse_tagged(self.tagged_prompt)[1]
+
+
+def check_entry(entry: Mapping, where: str = "manifest") -> None:
+    """Check one manifest entry's fields (types, finite scores in [0, 1], tags matching the prompt)."""
+    uid = entry.get("uid") if isinstance(entry, Mapping) else None
+    if not isinstance(entry, Mapping):
+        raise DataError(None, "manifest line is not a JSON object", where)
+    for key in ("uid", "prompt", "tagged_prompt", "scores", "image", "implausibility_map", "misalignment_map"):
+        if key not in entry:
+            raise DataError(uid, f"missing field {key!r}", where)
+    if not isinstance(uid, str) or not uid:
+        raise DataError(None, f"bad uid {uid!r}", where)
+    for key in ("prompt", "tagged_prompt", "image", "implausibility_map", "misalignment_map"):
+        if not isinstance(entry[key], str):
+            raise DataError(uid, f"field {key!r} must be a string", where)
+    if not entry["prompt"].strip():
+        raise DataError(uid, "empty prompt", where)
+    words, _ = parse_tagged(entry["tagged_prompt"])
+    if words != entry["prompt"].split():
+        raise DataError(uid, "tagged_prompt words do not match prompt words", where)
+    scores = entry["scores"]
+    if not isinstance(scores, Mapping):
+        raise DataError(uid, "scores must be an object", where)
+    for name in SCORE_NAMES:
+        if name not in scores:
+            raise DataError(uid, f"missing score {name!r}", where)
+        v = scores[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise DataError(uid, f"score {name!r} is not a finite number: {v!r}", where)
+        if not 0.0 <= v <= 1.0:
+            raise DataError(uid, f"score {name!r} = {v} is outside [0, 1]", where)
+
+
+def read_manifest(split_dir: str | os.PathLike) -> list[dict]:
+    """Parse ``manifest.jsonl``. A bad line raises :class:`DataError` naming the file and line."""
+    path = Path(split_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(None, "manifest.jsonl not found", str(path))
+    entries = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(None, f"line is not valid UTF-8 ({e})", where) from None
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(None, f"line is not valid JSON ({e.msg})", where) from None
+            if isinstance(entry, dict):
+                entry["_line"] = lineno
+            entries.append(entry)
+    return entries
+
+
+class RAHFDatasetSplit(Sequence):
+    """A split of a dataset on disk; ``ds[i]`` loads and returns an :class:`Example`."""
+
+    def __init__(self, root: str | os.PathLike, split: str, check: bool = True):
+        self.root = Path(root)
+        self.split = split
+        self.dir = self.root / split
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"no split {split!r} under {self.root} (expected directory {self.dir})")
+        self.entries = read_manifest(self.dir)
+        if check:
+            seen: set[str] = set()
+            for e in self.entries:
+                check_entry(e, f"{self.dir / MANIFEST}:{e.get('_line', '?') if isinstance(e, dict) else '?'}")
+                if e["uid"] in seen:
+                    raise DataError(e["uid"], "duplicate uid", str(self.dir / MANIFEST))
+                seen.add(e["uid"])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def uids(self) -> list[str]:
+        return [e["uid"] for e in self.entries]
+
+    def path(self, i: int, key: str) -> Path:
+        return self.dir / self.entries[i][key]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        e = self.entries[i]
+        uid = e["uid"]
+        return Example(
+            uid=uid,
+            prompt=e["prompt"],
+            tagged_prompt=e["tagged_prompt"],
+            scores={k: float(e["scores"][k]) for k in SCORE_NAMES},
+            image=load_image(self.dir / e["image"], uid),
+            implausibility_map=load_map(self.dir / e["implausibility_map"], uid),
+            misalignment_map=load_map(self.dir / e["misalignment_map"], uid),
+        )
+
+    def __iter__(self) -> Iterator[Example]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def open_dataset(root: str | os.PathLike, split: str = "train", check: bool = True) -> RAHFDatasetSplit:
+    """Open one split of a dataset in the package's format (see module docstring)."""
+    return RAHFDatasetSplit(root, split, check=check)
+
+
+def read_dataset_info(root: str | os.PathLike) -> dict:
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def write_dataset_info(root: str | os.PathLike, **info) -> None:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **info}
+    tmp = root / "dataset.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, root / "dataset.json")
+
+
+@dataclass
+class SplitWriter:
+    """Writes one split: files first, then the manifest line. Use as a context manager.
+
+    ``add`` takes the image as a PIL image (saved as PNG) or as ``(bytes, ext)`` (original bytes kept),
+    and heatmaps as float arrays in [0, 1] or as already-encoded 8-bit PNG bytes.
+    The manifest is written to a temporary file and renamed into place on ``close``.
+    """
+
+    root: str | os.PathLike
+    split: str
+    append: bool = False
+    _f: object = field(default=None, init=False, repr=False)
+    count: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        self.dir = Path(self.root) / self.split
+        for sub in ("images",) + MAP_NAMES:
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self._tmp = self.dir / (MANIFEST + ".tmp")
+        self._f = open(self._tmp, "w", encoding="utf-8")
+        if self.append and (self.dir / MANIFEST).is_file():
+            for e in read_manifest(self.dir):
+                e.pop("_line", None)
+                self._f.write(json.dumps(e, ensure_ascii=False) + "\n")
+                self.count += 1
+
+    def add(self, uid: str, prompt: str, tagged_prompt: str, scores: Mapping[str, float], image,
+            implausibility_map, misalignment_map) -> dict:
+        if isinstance(image, Image.Image):
+            img_rel = f"images/{uid}.png"
+            image.save(self.dir / img_rel, format="PNG")
+        else:
+            data, ext = image
+            img_rel = f"images/{uid}.{ext.lstrip('.').lower()}"
+            (self.dir / img_rel).write_bytes(data)
+        rels = {}
+        for name, m in zip(MAP_NAMES, (implausibility_map, misalignment_map)):
+            rel = f"{name}/{uid}.png"
+            (self.dir / rel).write_bytes(m if isinstance(m, (bytes, bytearray)) else map_to_png_bytes(m))
+            rels[name] = rel
+        entry = {
+            "uid": uid,
+            "prompt": prompt,
+            "tagged_prompt": tagged_prompt,
+            "scores": {k: float(scores[k]) for k in SCORE_NAMES},
+            "image": img_rel,
+            "implausibility_map": rels["implausibility"],
+            "misalignment_map": rels["misalignment"],
+        }
+        self._f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.count += 1
+        return entry
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+            os.replace(self._tmp, self.dir / MANIFEST)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        elif self._f is not None:
+            self._f.close()
+            self._f = None
