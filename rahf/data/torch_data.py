@@ -1,0 +1,109 @@
+"""Torch loading: a Dataset that prepares images and maps, and a collator that tokenizes once per batch."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .format import MAP_NAMES, SCORE_NAMES, Example
+
+
+def resize_map(m: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) float map → (size, size) tensor. Downscaling averages (area), upscaling is bilinear."""
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+    if t.shape[-2:] == (size, size):
+        return t[0, 0]
+    if t.shape[-1] >= size and t.shape[-2] >= size:
+        out = F.interpolate(t, size=(size, size), mode="area")
+    else:
+        out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return out[0, 0].clamp_(0.0, 1.0)
+
+
+def image_to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """PIL image → (3, size, size) float tensor, resized (bicubic) and normalised."""
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+class RAHFTorchDataset(torch.utils.data.Dataset):
+    """Wraps a split (``open_dataset``) for a model: image (3, S, S) normalised, maps (h, h) in [0, 1],
+    scores (4,), and the prompt strings (tokenized later, once per batch, by :class:`RAHFCollator`)."""
+
+    def __init__(self, split, image_size: int, heatmap_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        self.split = split
+        self.image_size = image_size
+        self.heatmap_size = heatmap_size
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def prepare(self, ex: Example, index: int = -1) -> dict:
+        return {
+            "index": index,
+            "uid": ex.uid,
+            "prompt": ex.prompt,
+            "tagged_prompt": ex.tagged_prompt,
+            "pixel_values": image_to_tensor(ex.image, self.image_size, self.mean, self.std),
+            "scores": torch.tensor([ex.scores[s] for s in SCORE_NAMES], dtype=torch.float32),
+            **{f"{m}_map": resize_map(getattr(ex, f"{m}_map"), self.heatmap_size) for m in MAP_NAMES},
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        return self.prepare(self.split[i], i)
+
+
+class RAHFCollator:
+    """Stacks tensors and tokenizes prompts (encoder input) and tagged prompts (decoder labels, padded
+    with -100) once per batch. For the augmented-prompt variant it adds the tokenized task prefixes
+    ``task_ids``/``task_mask`` (T, Lp), computed once at construction."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: int = 64, max_target_tokens: int = 96,
+                 task_prompts: Optional[dict] = None, tasks: Optional[Sequence[str]] = None):
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_target_tokens = max_target_tokens
+        self.task_ids = self.task_mask = None
+        if task_prompts is not None:
+            texts = [task_prompts[t] for t in tasks]
+            enc = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+            self.task_ids, self.task_mask = enc["input_ids"], enc["attention_mask"]
+
+    @classmethod
+    def for_model(cls, model) -> "RAHFCollator":
+        cfg = model.config
+        aug = cfg.variant == "augmented_prompt"
+        from ..model import TASKS
+
+        return cls(model.tokenizer, cfg.text.max_prompt_tokens, cfg.text.max_target_tokens,
+                   task_prompts=cfg.task_prompts if aug else None, tasks=TASKS if aug else None)
+
+    def tokenize_prompts(self, prompts: list[str]) -> dict:
+        enc = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
+                             return_tensors="pt")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if self.task_ids is not None:
+            out["task_ids"], out["task_mask"] = self.task_ids, self.task_mask
+        return out
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {k: torch.stack([it[k] for it in items]) for k in
+                 ("pixel_values", "scores") + tuple(f"{m}_map" for m in MAP_NAMES)}
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        batch["uids"] = [it["uid"] for it in items]
+        batch["prompts"] = [it["prompt"] for it in items]
+        batch["tagged_prompts"] = [it["tagged_prompt"] for it in items]
+        batch.update(self.tokenize_prompts(batch["prompts"]))
+        tgt = self.tokenizer(batch["tagged_prompts"], padding=True, truncation=True,
+                             max_length=self.max_target_tokens, return_tensors="pt")
+        labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+        batch["labels"] = labels
+        return batch

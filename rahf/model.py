@@ -1,0 +1,230 @@
+"""The RAHF model: timm ViT → linear → [image tokens ; prompt tokens] → T5 encoder → heads + T5 decoder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+
+from .config import MAP_NAMES, SCORE_NAMES, RAHFConfig
+from .heads import HeatmapHead, ScoreHead
+from .tokenizer import decode_tagged, load_tokenizer
+
+TASKS = MAP_NAMES + SCORE_NAMES + ("keywords",)  # task order of the augmented-prompt variant
+FREEZABLE = ("vision", "projection", "embeddings", "text_encoder", "decoder", "heads")
+
+
+@dataclass
+class RAHFOutput:
+    """Model outputs. ``heatmaps[name]``: (B, H, W) in [0, 1]; ``scores``: (B, 4) in [0, 1] ordered as
+    ``SCORE_NAMES``; ``logits``: (B, T, V) decoder logits when labels were given."""
+
+    heatmaps: dict[str, torch.Tensor]
+    scores: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    encoder_hidden: Optional[torch.Tensor] = field(default=None, repr=False)  # for generation
+    encoder_mask: Optional[torch.Tensor] = field(default=None, repr=False)
+
+
+class RAHF(nn.Module):
+    """Rich Automatic Human Feedback model (SPEC §2). ``RAHF(config)`` builds random weights, no I/O."""
+
+    def __init__(self, config: RAHFConfig, tokenizer=None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self._tokenizer = tokenizer
+        v, t = config.vision, config.text
+        kw = {k: getattr(v, k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio") if getattr(v, k) is not None}
+        self.vision = timm.create_model(v.arch, pretrained=False, img_size=v.img_size, patch_size=v.patch_size,
+                                        num_classes=0, global_pool="", drop_path_rate=v.drop_path_rate, **kw)
+        grid = self.vision.patch_embed.grid_size
+        if grid[0] != grid[1]:
+            raise ValueError(f"non-square patch grid {grid}")
+        self.grid = grid[0]
+        self.num_prefix_tokens = getattr(self.vision, "num_prefix_tokens", 1)
+        vocab = t.vocab_size or len(self.tokenizer)
+        self.t5 = T5ForConditionalGeneration(T5Config(
+            vocab_size=vocab, d_model=t.d_model, d_kv=t.d_kv, d_ff=t.d_ff, num_layers=t.num_layers,
+            num_decoder_layers=t.num_decoder_layers, num_heads=t.num_heads, dropout_rate=t.dropout_rate,
+            feed_forward_proj=t.feed_forward_proj, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            tie_word_embeddings=True))
+        self.projection = nn.Linear(self.vision.num_features, t.d_model)
+        d = t.d_model
+        if config.variant == "multi_head":
+            self.heatmap_heads = nn.ModuleDict({m: HeatmapHead(d, config.heatmap_head) for m in MAP_NAMES})
+            self.score_heads = nn.ModuleDict({s: ScoreHead(d, self.grid, config.score_head) for s in SCORE_NAMES})
+        else:
+            self.heatmap_head = HeatmapHead(d, config.heatmap_head)
+            self.score_head = ScoreHead(d, self.grid, config.score_head)
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self):
+        """The tokenizer named by ``config.text.tokenizer`` (built/loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.text.tokenizer)
+        return self._tokenizer
+
+    @property
+    def heatmap_size(self) -> int:
+        return self.config.heatmap_size
+
+    # ------------------------------------------------------------------ encoding
+    def _encode(self, pixel_values, input_ids, attention_mask, task_ids=None, task_mask=None):
+        """Returns (fused hidden (B', S, d), mask (B', S), image feature maps (B', d, g, g)); B' = B or T·B."""
+        img = self.vision.forward_features(pixel_values)[:, self.num_prefix_tokens:]  # (B, N, Dv)
+        img = self.projection(img)  # (B, N, d)
+        B, N, d = img.shape
+        txt = self.t5.shared(input_ids)  # (B, L, d)
+        img_mask = attention_mask.new_ones(B, N)
+        if self.config.variant == "multi_head":
+            seq = torch.cat([img, txt], dim=1)  # (B, N+L, d)
+            mask = torch.cat([img_mask, attention_mask], dim=1)
+        else:
+            if task_ids is None:
+                raise ValueError("the augmented_prompt variant needs task_ids/task_mask (made by the collator)")
+            T, Lp = task_ids.shape
+            pre = self.t5.shared(task_ids)  # (T, Lp, d)
+            seq = torch.cat([img.unsqueeze(0).expand(T, -1, -1, -1), pre.unsqueeze(1).expand(-1, B, -1, -1),
+                             txt.unsqueeze(0).expand(T, -1, -1, -1)], dim=2).reshape(T * B, -1, d)  # (T·B, N+Lp+L, d)
+            mask = torch.cat([img_mask.unsqueeze(0).expand(T, -1, -1), task_mask.unsqueeze(1).expand(-1, B, -1),
+                              attention_mask.unsqueeze(0).expand(T, -1, -1)], dim=2).reshape(T * B, -1)
+        hidden = self.t5.encoder(inputs_embeds=seq, attention_mask=mask).last_hidden_state
+        fmap = hidden[:, :N].transpose(1, 2).reshape(hidden.shape[0], d, self.grid, self.grid)  # (B', d, g, g)
+        return hidden, mask, fmap
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None,
+                task_mask: Optional[torch.Tensor] = None, **_unused) -> RAHFOutput:
+        """pixel_values (B, 3, S, S); input_ids/attention_mask (B, L); labels (B, T) with -100 padding."""
+        hidden, mask, fmap = self._encode(pixel_values, input_ids, attention_mask, task_ids, task_mask)
+        B = pixel_values.shape[0]
+        if self.config.variant == "multi_head":
+            heatmaps = {m: head(fmap) for m, head in self.heatmap_heads.items()}
+            scores = torch.stack([self.score_heads[s](fmap) for s in SCORE_NAMES], dim=1)  # (B, 4)
+        else:
+            nm, ns = len(MAP_NAMES), len(SCORE_NAMES)
+            maps = self.heatmap_head(fmap[: nm * B])  # (2B, H, W)
+            heatmaps = dict(zip(MAP_NAMES, maps.split(B)))
+            scores = self.score_head(fmap[nm * B:(nm + ns) * B]).view(ns, B).t()  # (B, 4)
+            hidden, mask = hidden[(nm + ns) * B:], mask[(nm + ns) * B:]  # the keywords task
+        logits = None
+        if labels is not None:
+            dec_in = self.t5._shift_right(labels)
+            logits = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                             decoder_input_ids=dec_in).logits
+        return RAHFOutput(heatmaps=heatmaps, scores=scores, logits=logits, encoder_hidden=hidden, encoder_mask=mask)
+
+    @torch.no_grad()
+    def generate_ids(self, out: RAHFOutput, max_new_tokens: Optional[int] = None, **kw) -> torch.Tensor:
+        """Free (greedy) generation of the tagged prompt from a forward pass's encoder states."""
+        n = max_new_tokens or self.config.text.max_target_tokens
+        return self.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=out.encoder_hidden),
+                                attention_mask=out.encoder_mask, max_new_tokens=n, do_sample=False, num_beams=1, **kw)
+
+    @torch.no_grad()
+    def generate_tagged(self, out: RAHFOutput, max_new_tokens: Optional[int] = None) -> list[str]:
+        return decode_tagged(self.tokenizer, self.generate_ids(out, max_new_tokens))
+
+    # ------------------------------------------------------------------ training helpers
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part name (for freezing and per-part learning rates)."""
+        groups: dict[str, list[nn.Parameter]] = {p: [] for p in FREEZABLE}
+        for name, p in self.named_parameters():
+            if name.startswith("vision."):
+                groups["vision"].append(p)
+            elif name.startswith("projection."):
+                groups["projection"].append(p)
+            elif name.startswith(("t5.shared", "t5.encoder.embed_tokens", "t5.decoder.embed_tokens", "t5.lm_head")):
+                groups["embeddings"].append(p)
+            elif name.startswith("t5.encoder."):
+                groups["text_encoder"].append(p)
+            elif name.startswith("t5.decoder."):
+                groups["decoder"].append(p)
+            else:
+                groups["heads"].append(p)
+        return groups
+
+    def freeze(self, parts) -> int:
+        """Set ``requires_grad=False`` on the named parts (see ``FREEZABLE``); returns the count frozen."""
+        groups = self.parts()
+        n = 0
+        for part in parts:
+            if part not in groups:
+                raise ValueError(f"unknown part {part!r}; choose from {list(groups)}")
+            for p in groups[part]:
+                p.requires_grad_(False)
+                n += p.numel()
+        return n
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        self.vision.set_grad_checkpointing(enable)
+        if enable:
+            self.t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.t5.gradient_checkpointing_disable()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ pretrained encoders
+    def load_pretrained_encoders(self, vision: Optional[str] = None, text: Optional[str] = None) -> None:
+        """Load public ViT / T5 weights (explicit step; the constructor never does I/O).
+
+        ``vision``: a local ``.safetensors`` file (or a directory holding ``model.safetensors``) of a timm
+        ViT, or a timm/hub name (online). ``text``: a local T5 directory or hub name. Default: the config's.
+        """
+        vision = vision or self.config.vision.pretrained
+        text = text or self.config.text.pretrained
+        v = self.config.vision
+        if vision:
+            kw = {k: getattr(v, k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio") if getattr(v, k) is not None}
+            p = Path(vision)
+            if p.exists():
+                f = p / "model.safetensors" if p.is_dir() else p
+                src = timm.create_model(v.arch, pretrained=True, pretrained_cfg_overlay={"file": str(f)},
+                                        img_size=v.img_size, patch_size=v.patch_size, num_classes=0, global_pool="", **kw)
+            else:
+                src = timm.create_model(vision, pretrained=True, img_size=v.img_size, num_classes=0, global_pool="", **kw)
+            missing, unexpected = self.vision.load_state_dict(src.state_dict(), strict=False)
+            if missing:
+                raise ValueError(f"pretrained ViT {vision!r} lacks {len(missing)} weights, e.g. {missing[:3]}")
+        if text:
+            src = T5ForConditionalGeneration.from_pretrained(text, use_safetensors=True)
+            sd = src.state_dict()
+            if sd["shared.weight"].shape != self.t5.shared.weight.shape:
+                raise ValueError(f"pretrained T5 {text!r} has vocabulary {tuple(sd['shared.weight'].shape)}, the model "
+                                 f"{tuple(self.t5.shared.weight.shape)}: use its tokenizer (model.text.tokenizer)")
+            self.t5.load_state_dict(sd, strict=False)
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path, metadata: Optional[dict] = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.to_dict()
+        cfg["text"]["vocab_size"] = self.t5.config.vocab_size
+        (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_model(self, str(d / "model.safetensors"), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        self.tokenizer.save_pretrained(str(d))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: Optional[str | torch.device] = None) -> "RAHF":
+        """Load a model saved by :meth:`save_pretrained` (safetensors only, no unpickling)."""
+        d = Path(directory)
+        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{d} is not a RAHF checkpoint (needs config.json and model.safetensors)")
+        config = RAHFConfig.load(d / "config.json")
+        tokenizer = load_tokenizer(str(d)) if (d / "tokenizer_config.json").is_file() else None
+        model = cls(config, tokenizer=tokenizer)
+        load_model(model, str(d / "model.safetensors"), strict=True, device=str(device or "cpu"))
+        return model.to(device) if device is not None else model
