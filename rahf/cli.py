@@ -12,7 +12,9 @@ DATA_COMMANDS = [
     ("rahf.data.richhf", "register"),
 ]
 # (module, function) pairs that add top-level subcommands (train, eval, predict, ...).
-TOP_COMMANDS: list[tuple[str, str]] = []
+TOP_COMMANDS: list[tuple[str, str]] = [
+    ("rahf.training.cli", "register"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

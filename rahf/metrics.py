@@ -76,8 +76,11 @@ __all__ = [
 EPS = 1e-8
 #: Per-map metrics computed by :func:`heatmap_metrics`, in table order.
 HEATMAP_METRICS: tuple[str, ...] = ("mse", "cc", "kld", "sim", "nss", "auc_judd")
-# Upper bound on B * N elements processed at once (bounds the float64 / int64 temporaries).
-_CHUNK_ELEMS = 1 << 22
+# Upper bound on B * N elements processed at once: small chunks keep the float64 temporaries of the
+# elementwise metrics in cache (several times faster than whole-batch ops); AUC-Judd's sort
+# temporaries (int64 keys, counts) are bounded by its own limit.
+_CHUNK_ELEMS = 1 << 18
+_AUC_CHUNK_ELEMS = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,8 +99,8 @@ def _flatten_pair(pred, gt) -> tuple[torch.Tensor, torch.Tensor]:
     if p.ndim < 2:
         raise ValueError(f"expected (B, H, W) or (B, N) maps, got shape {tuple(p.shape)}")
     b = p.shape[0]
-    p = p.reshape(b, -1)
-    g = g.reshape(b, -1)
+    p = p.reshape(b, -1).cpu()
+    g = g.reshape(b, -1).cpu()
     if not p.is_floating_point():
         p = p.double()
     if not g.is_floating_point():
@@ -105,8 +108,12 @@ def _flatten_pair(pred, gt) -> tuple[torch.Tensor, torch.Tensor]:
     return p, g
 
 
-def _chunks(b: int, n: int) -> Iterable[slice]:
-    step = max(1, _CHUNK_ELEMS // max(n, 1))
+def _chunk_elems(fn) -> int:
+    return _AUC_CHUNK_ELEMS if fn is _auc_judd_k else _CHUNK_ELEMS
+
+
+def _chunks(b: int, n: int, elems: int) -> Iterable[slice]:
+    step = max(1, elems // max(n, 1))
     for s in range(0, b, step):
         yield slice(s, min(b, s + step))
 
@@ -116,7 +123,7 @@ def _batched(fn, pred, gt) -> torch.Tensor:
     b, n = p.shape
     if b == 0:
         return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([fn(p[s], g[s]) for s in _chunks(b, n)])
+    return torch.cat([fn(p[s], g[s]) for s in _chunks(b, n, _chunk_elems(fn))])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,66 +185,81 @@ def _nss_k(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(k == 0, math.nan)
 
 
-def _first_in_row(rows: torch.Tensor) -> torch.Tensor:
-    first = torch.ones_like(rows, dtype=torch.bool)
-    if rows.numel() > 1:
-        first[1:] = rows[1:] != rows[:-1]
-    return first
+def _sorted_keys(p: torch.Tensor, F: torch.Tensor) -> np.ndarray:
+    """Each row's pixels as int64 keys, sorted ascending: ``key >> 1`` is a code that is monotone in
+    p (equal codes iff equal values) and ``key & 1`` is 0 for pixels of F, 1 otherwise — so within a
+    tie group the F pixels come first.
 
-
-def _shift_in_row(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """x's previous element within the same row (0 for the row's first element)."""
-    prev = torch.roll(x, 1)
-    return prev.masked_fill(first, 0)
+    float16/bfloat16/float32 inputs (exactly representable in float32): the code is the float32
+    bit pattern mapped to a monotone integer, so a single value-only sort (numpy's SIMD sort) of
+    the packed keys orders everything. float64 inputs: the code is the value's dense rank
+    (``np.unique``), then the same sort.
+    """
+    notF = np.logical_not(F.numpy())
+    if p.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        a = p.float().numpy() + np.float32(0.0)  # -0.0 -> +0.0 so equal values share one bit pattern
+        bits = a.view(np.int32)
+        if a.size and a.min() < 0:
+            bits = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)  # monotone in the value
+        keys = bits.astype(np.int64)
+    else:
+        a = p.double().numpy() + 0.0
+        keys = np.unique(a, return_inverse=True)[1].reshape(a.shape).astype(np.int64)
+    keys <<= 1
+    keys |= notF
+    keys.sort(axis=1)
+    return keys
 
 
 def _auc_judd_k(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """AUC-Judd by one sort per map plus cumulative counts; ties handled exactly.
+    """AUC-Judd by one sort per map; ties handled exactly.
 
-    After sorting p descending, a threshold t = value of a tie group; #{p >= t} is the position of
-    the group's last element + 1. Only groups containing a pixel of F are thresholds. Consecutive
-    thresholds k-1, k contribute (FPR_k - FPR_{k-1}) (TPR_k + TPR_{k-1}) / 2, computed in exact
-    integer arithmetic and divided once at the end.
+    Pixels are sorted ascending with the F pixels first inside each tie group (see
+    :func:`_sorted_keys`). A threshold t is a tie group containing an F pixel; its first element j
+    (row position) is then an F pixel that starts the group, and with r = #F before j (the rank of
+    that F pixel among the row's F pixels): TP = K − r, FP = (N − K) − (j − r). The trapezoid sum
+    over (1, 1), the thresholds in ascending t, (0, 0) is accumulated as exact integers
+    (2·area·K·(N − K)) and divided once at the end. Work beyond the sort is O(N) for finding the F
+    pixels plus O(K).
     """
     b, n = p.shape
-    F = g > 0
-    K = F.sum(1)  # int64
-    v, idx = torch.sort(p, dim=1, descending=True)
-    f = torch.gather(F, 1, idx)
-    cf = torch.cumsum(f, 1, dtype=torch.int64)  # #F among the first j+1 sorted pixels
-    del f, idx
-    is_end = torch.ones((b, n), dtype=torch.bool)
-    if n > 1:
-        torch.ne(v[:, :-1], v[:, 1:], out=is_end[:, :-1])
-    del v
-    ends = is_end.view(-1).nonzero().squeeze(1)  # flat indices of tie-group ends, row-major
-    del is_end
-    rows = torch.div(ends, n, rounding_mode="floor")
-    cf_e = cf.view(-1)[ends]
-    del cf
-    first = _first_in_row(rows)
-    cf_prev = _shift_in_row(cf_e, first)  # #F above the group = TPR numerator of the previous threshold
-    sel = cf_e > cf_prev  # the group contains a pixel of F -> it is a threshold
-    rows = rows[sel]
-    tp = cf_e[sel]
-    tp_prev = cf_prev[sel]
-    fp = (ends[sel] - rows * n + 1) - tp  # #not-F with p >= t
-    first = _first_in_row(rows)
-    fp_prev = _shift_in_row(fp, first)
-    contrib = (fp - fp_prev) * (tp + tp_prev)  # exact int64: sum <= 2 K (N - K)
-    twice_area = torch.zeros(b, dtype=torch.int64).index_add_(0, rows, contrib)
-    last = torch.ones_like(first)
-    if rows.numel() > 1:
-        last[:-1] = rows[1:] != rows[:-1]
-    fp_last = torch.zeros(b, dtype=torch.int64)
-    fp_last[rows[last]] = fp[last]
+    F = (g > 0).contiguous()
+    K = np.count_nonzero(F.numpy(), axis=1).astype(np.int64)
     neg = n - K
+    keys = _sorted_keys(p.contiguous(), F)
+    flat = keys.reshape(-1)
+    posF = np.flatnonzero((flat & 1) == 0)  # F pixels in sorted order, row-major
+    rowsF = posF // n
+    colF = posF - rowsF * n
+    offset = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(K, out=offset[1:])
+    rank = np.arange(posF.size, dtype=np.int64) - offset[rowsF]  # #F before it in its row
+    group_start = colF == 0
+    inner = ~group_start
+    group_start[inner] = (flat[posF[inner]] >> 1) != (flat[posF[inner] - 1] >> 1)
+    del keys, flat
+    rows = rowsF[group_start]
+    r = rank[group_start]
+    tp = K[rows] - r  # #F with p >= t
+    fp = neg[rows] - (colF[group_start] - r)  # #not-F with p >= t
+    m = rows.size
+    last = np.ones(m, dtype=np.bool_)  # highest threshold of its row; its neighbour is (0, 0)
+    first = np.ones(m, dtype=np.bool_)  # lowest threshold of its row (TP = K); neighbour (1, 1)
+    if m > 1:
+        np.not_equal(rows[1:], rows[:-1], out=last[:-1])
+        first[1:] = last[:-1]
+    tp_next = np.roll(tp, -1)
+    fp_next = np.roll(fp, -1)
+    tp_next[last] = 0
+    fp_next[last] = 0
+    w = ((fp - fp_next) * (tp + tp_next)).astype(np.float64)  # exact: |sum| <= 2 K (N - K) < 2**53
+    twice = np.bincount(rows, weights=w, minlength=b)
+    rf = rows[first]
+    twice += np.bincount(rf, weights=((neg[rf] - fp[first]) * 2 * K[rf]).astype(np.float64), minlength=b)
     valid = (K > 0) & (neg > 0)
-    Kd = K.double().clamp_min(1)
-    negd = neg.double().clamp_min(1)
-    # last threshold has TPR = 1; closing segment to (1, 1) has area (1 - FPR_last) * (1 + 1) / 2
-    area = twice_area.double() / (2.0 * Kd * negd) + (neg - fp_last).double() / negd
-    return area.masked_fill(~valid, math.nan)
+    den = 2.0 * np.maximum(K, 1) * np.maximum(neg, 1)
+    area = np.where(valid, twice / den, np.nan)
+    return torch.from_numpy(area)
 
 
 _KERNELS = {"mse": _mse_k, "cc": _cc_k, "kld": _kld_k, "sim": _sim_k, "nss": _nss_k, "auc_judd": _auc_judd_k}
@@ -310,7 +332,7 @@ def auc_judd(pred, gt) -> torch.Tensor:
 
 
 def heatmap_metrics(pred, gt, metrics: Sequence[str] = HEATMAP_METRICS) -> dict[str, torch.Tensor]:
-    """All requested per-map metrics at once (shares the input conversion and chunking).
+    """All requested per-map metrics at once (one input conversion).
 
     Returns ``{name: (B,) float64}`` plus ``"gt_empty": (B,) bool`` (no g > 0 in the map).
     """
@@ -320,12 +342,10 @@ def heatmap_metrics(pred, gt, metrics: Sequence[str] = HEATMAP_METRICS) -> dict[
     p, g = _flatten_pair(pred, gt)
     b, n = p.shape
     out: dict[str, list[torch.Tensor]] = {m: [] for m in metrics}
-    empty = []
-    for s in _chunks(b, n):
-        ps, gs = p[s], g[s]
-        for m in metrics:
-            out[m].append(_KERNELS[m](ps, gs))
-        empty.append(_empty(gs))
+    for m in metrics:
+        fn = _KERNELS[m]
+        out[m] = [fn(p[s], g[s]) for s in _chunks(b, n, _chunk_elems(fn))]
+    empty = [_empty(g[s]) for s in _chunks(b, n, _CHUNK_ELEMS)]
     res = {m: torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for m, v in out.items()}
     res["gt_empty"] = torch.cat(empty) if empty else torch.zeros(0, dtype=torch.bool)
     return res
@@ -549,6 +569,23 @@ class MetricAccumulator:
                 raise ValueError(f"{len(pred_tagged)} predicted prompts but {len(target_tagged)} targets")
             self._pred_tagged.extend(pred_tagged)
             self._target_tagged.extend(target_tagged)
+
+    def add_map_values(self, name: str, values: Mapping[str, torch.Tensor]) -> None:
+        """Add per-map metric values already computed (e.g. by :func:`heatmap_metrics` on each process
+        and then gathered): ``values[metric]`` is a (B,) tensor for every metric of ``heatmap_metrics``."""
+        if name not in self.map_names:
+            raise ValueError(f"unknown map name {name!r}; expected {self.map_names}")
+        store = self._maps.setdefault(name, {})
+        n = None
+        for k, v in values.items():
+            v = _as_tensor(v).detach().cpu()
+            if k == "gt_empty":
+                v = v.bool()
+            n = int(v.shape[0]) if n is None else n
+            if int(v.shape[0]) != n:
+                raise ValueError(f"map {name!r}: metric {k!r} has {v.shape[0]} values, expected {n}")
+            store.setdefault(k, []).append(v)
+        self._n_maps[name] = self._n_maps.get(name, 0) + (n or 0)
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -1,0 +1,156 @@
+"""The training job's configuration: defaults ⊕ YAML file ⊕ dotted command-line overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from ..config import RAHFConfig
+from ..configtools import ConfigError, build, load_yaml, merge, overrides_to_dict, to_dict
+
+
+@dataclass
+class SynthConfig:
+    """Used when ``data.root`` holds no dataset and ``data.generate_synth`` is true."""
+
+    train: int = 3000
+    dev: int = 200
+    test: int = 300
+    size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synth"
+    train_split: str = "train"
+    eval_split: str = "dev"
+    test_split: str = "test"
+    generate_synth: bool = True  # generate synth data at data.root if it holds no dataset
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    num_workers: int = 1
+    pin_memory: bool = True
+    on_bad_record: Literal["error", "skip"] = "error"
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    decoder_lr: Optional[float] = None  # None: same as lr
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainLoopConfig:
+    batch_size: int = 32  # per process
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimizer steps
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    freeze: list[str] = field(default_factory=list)  # parts: vision, projection, embeddings, text_encoder, decoder, heads
+    gradient_checkpointing: bool = False
+    threads: int = 0  # torch threads per process on CPU; 0: cores / processes
+    log_every: int = 10
+    deterministic: bool = False
+    on_nonfinite: Literal["error", "skip"] = "error"
+    time_limit_minutes: float = 0.0  # 0: none; stop (checkpoint, eval, export) when exceeded
+    stop_after_steps: int = 0  # 0: none; checkpoint and exit after this step (resume later; schedule unchanged)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 250  # optimizer steps; 0: only at the end
+    batch_size: int = 64
+    metric: str = "summary/mean"  # keep-best metric (any key printed by rahf eval)
+    mode: Literal["max", "min"] = "max"
+    decode: Optional[str] = "free"  # free | constrained | None
+    max_batches: Optional[int] = None
+    test_at_end: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 250  # optimizer steps; 0 disables periodic checkpoints
+    keep_last: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
+    project: str = "rahf"
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # default: <model preset>-<timestamp>
+    output_dir: str = "runs"
+    init_from: Optional[str] = None  # a save_pretrained directory to start from (weights only)
+
+
+@dataclass
+class TrainConfig:
+    model: RAHFConfig = field(default_factory=lambda: RAHFConfig.preset("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def resolve_config(config_file: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """defaults ⊕ YAML ⊕ overrides. ``model.preset`` (in either layer) picks the model's base preset
+    before the model's other keys apply. Unknown keys raise :class:`ConfigError` naming the closest."""
+    layers = [load_yaml(config_file)] if config_file else []
+    layers.append(overrides_to_dict(overrides or []))
+    merged: dict = {}
+    for layer in layers:
+        merged = merge(merged, layer)
+    model_layer = merged.pop("model", {}) or {}
+    if not isinstance(model_layer, dict):
+        raise ConfigError("model: expected a mapping")
+    preset = model_layer.get("preset", "tiny")
+    base = to_dict(TrainConfig(model=RAHFConfig.preset(preset)))
+    cfg = build(TrainConfig, base, merged, {"model": model_layer})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Impossible combinations, caught before any data is touched."""
+    cfg.model.validate()
+    t = cfg.train
+    for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                    ("train.max_steps", t.max_steps), ("eval.batch_size", cfg.eval.batch_size)):
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError("data.max_bad_fraction must be in [0, 1]")
+    if cfg.eval.decode not in (None, "free", "constrained"):
+        raise ConfigError(f"eval.decode must be free, constrained or null, got {cfg.eval.decode!r}")
+    from ..model import FREEZABLE
+
+    for part in t.freeze:
+        if part not in FREEZABLE:
+            raise ConfigError(f"train.freeze: unknown part {part!r}; choose from {list(FREEZABLE)}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last must be >= 1")
+
+
+def default_config_path() -> Optional[Path]:
+    """``configs/default.yaml`` next to the working directory or the source tree, if present."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        p = base / "configs" / "default.yaml"
+        if p.is_file():
+            return p
+    return None

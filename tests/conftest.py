@@ -1,0 +1,21 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A small synth dataset shared by the tests (64 train / 16 dev / 16 test at 128 px)."""
+    from rahf.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, train=64, dev=16, test=16, size=128, seed=0, workers=1)
+    return root
