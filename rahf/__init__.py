@@ -1,17 +1,35 @@
-"""rahf: Rich Automatic Human Feedback models for text-to-image generation."""
+"""rahf: Rich Automatic Human Feedback models for text-to-image generation.
 
-from .config import MAP_NAMES, SCORE_NAMES, RAHFConfig
-from .loss import RAHFLoss
-from .model import RAHF, RAHFOutput
+The heavy names (``RAHF``, ``RAHFConfig``, ``RAHFLoss``, ``RAHFScorer``) are imported on first use,
+so ``rahf data ...`` commands start without loading torch/timm/transformers.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["RAHF", "RAHFConfig", "RAHFLoss", "RAHFOutput", "MAP_NAMES", "SCORE_NAMES", "RAHFScorer", "__version__"]
+SCORE_NAMES = ("plausibility", "alignment", "aesthetics", "overall")
+MAP_NAMES = ("implausibility", "misalignment")
+
+_LAZY = {
+    "RAHF": ("rahf.model", "RAHF"),
+    "RAHFOutput": ("rahf.model", "RAHFOutput"),
+    "RAHFConfig": ("rahf.config", "RAHFConfig"),
+    "RAHFLoss": ("rahf.loss", "RAHFLoss"),
+    "RAHFScorer": ("rahf.scorer", "RAHFScorer"),
+}
+
+__all__ = ["MAP_NAMES", "SCORE_NAMES", "__version__", *_LAZY]
 
 
-def __getattr__(name):  # lazy: the scorer pulls in more than the model library needs
-    if name == "RAHFScorer":
-        from .scorer import RAHFScorer
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-        return RAHFScorer
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'rahf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -8,8 +8,10 @@ Heatmap metrics
 ``mse, cc, kld, sim, nss, auc_judd`` take ``(pred, gt)`` of shape ``(B, H, W)`` (or ``(B, N)``;
 every dimension after the first is flattened into the N pixels of one map), values in [0, 1],
 and return one value per map: a float64 tensor of shape ``(B,)``. They are fully vectorised over
-the batch (large batches are processed in chunks internally to bound memory) and compute in
-float64 (AUC-Judd sorts in the input precision, which is exact, and counts in int64).
+the batch (large batches are processed in chunks internally to bound memory and stay in cache)
+and compute in float64; AUC-Judd only needs the order of the values, which it gets exactly (one
+sort of packed int64 keys per map) and counts in int64. Tensors on another device are moved to the
+CPU.
 ``pred`` must already be resized to ``gt``'s size. Inputs are expected to be finite.
 
 Notation for one map: p = prediction, g = ground truth, N pixels, F = {g > 0}, K = |F|,

@@ -461,3 +461,19 @@ def test_format_tables():
     # partial dicts render without errors
     assert "PLCC" not in format_tables({"heatmap/cc/implausibility": 0.5})
     assert format_tables({}) == ""
+
+
+def test_add_map_values_equals_update():
+    ps, ts, pm, tm, pt, tt = _dataset(n=9)
+    a = MetricAccumulator()
+    a.update(ps, ts, pm, tm, pt, tt)
+    b = MetricAccumulator()
+    b.update(ps, ts, pred_tagged=pt, target_tagged=tt)
+    for name in MAP_NAMES:
+        for i in range(0, 9, 4):  # as gathered per-sample values (float64, gt_empty as 0/1)
+            vals = heatmap_metrics(pm[name][i : i + 4], tm[name][i : i + 4])
+            b.add_map_values(name, {k: v.double() for k, v in vals.items()})
+    ra, rb = a.compute(), b.compute()
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        assert rb[k] == pytest.approx(ra[k], abs=1e-12, nan_ok=True), k

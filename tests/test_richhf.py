@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ MAP_SHAPE = (12, 10)  # tiny heatmaps; the converter keeps their original size b
 # ------------------------------------------------------------------------------------------
 
 
-def img_bytes(fmt: str, color, size=(8, 6)) -> bytes:
+def img_bytes(fmt: str, color, size=(10, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt)
     return buf.getvalue()
@@ -90,7 +88,7 @@ def write_shard(path: Path, rows, row_group_size=2) -> None:
 PNG_A = img_bytes("PNG", (255, 0, 0))
 JPG_B = img_bytes("JPEG", (0, 255, 0))
 WEBP_E = img_bytes("WEBP", (0, 0, 255))
-JPG_F = img_bytes("JPEG", (9, 9, 9), size=(5, 7))
+JPG_F = img_bytes("JPEG", (9, 9, 9), size=(9, 11))
 PNG_G = img_bytes("PNG", (1, 2, 3))
 OTHER = img_bytes("PNG", (50, 50, 50))
 
@@ -297,7 +295,7 @@ def test_convert_parquet_every_field(richhf, capsys):
         assert np.abs(imp - heat(seed)).max() <= 1 / 255 + 1e-6
         assert np.abs(mis - heat(seed + 100, zero=seed % 2 == 0)).max() <= 1 / 255 + 1e-6
     ex = train[1]
-    assert ex.image.size == (8, 6) and ex.misaligned == [False] * 5
+    assert ex.image.size == (10, 8) and ex.misaligned == [False] * 5
 
     dev = open_dataset(out, "dev")
     (d,) = dev.entries
@@ -311,6 +309,12 @@ def test_convert_parquet_every_field(richhf, capsys):
     assert (out / "test" / t["g7"]["image"]).read_bytes() == PNG_G
     # no files beyond the kept records
     assert sorted(p.name for p in (out / "train" / "images").iterdir()) == ["a1.png", "b2.jpg"]
+    try:
+        from rahf.data.validate import validate_dataset
+    except ImportError:  # validator not in this build
+        return
+    rep = validate_dataset(out)
+    assert rep.ok, rep.summary()
 
 
 def test_rerun_is_idempotent_and_skips_done_work(richhf, monkeypatch):

@@ -149,6 +149,7 @@ def test_artifacts_agree_with_implausibility_map(records):
         arts, m = rec.scene.artifacts, rec.implausibility_map
         assert bool(arts) == bool(m.max() > 0), rec.uid
         for a in arts:
+            assert all(0 < v < 1 for v in a.anchor), (rec.uid, a.kind)
             assert _value_at(m, *a.anchor) > 0.3, (rec.uid, a.kind)
         empty += not arts
     assert 0.3 < empty / len(records) < 0.7

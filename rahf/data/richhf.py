@@ -92,6 +92,7 @@ CACHE_NAME = ".richhf_cache.jsonl"
 REPORT_NAME = "conversion_report.json"
 CACHE_VERSION = 1
 _CHUNK = 64  # records per parallel batch
+_BIG_CHUNK = 600_000_000  # bytes: warn about parquet column chunks larger than this
 
 
 class ConversionError(DataError):
@@ -409,9 +410,12 @@ class _ParquetSource:
     kind = "parquet"
 
     def __init__(self, root: Path, log):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.pq = pq
+        self._pa = pa
+        self._warned: set = set()
         self.root = root
         self.shards = sorted(root.rglob("*.parquet"), key=lambda p: p.relative_to(root).as_posix())
         self.log = log
@@ -487,6 +491,7 @@ class _ParquetSource:
             for rg in sorted(plan[rel]):
                 items = sorted(plan[rel][rg])
                 for slot in sorted({s for s, _, _ in items}):
+                    self._warn_big(pf, rel, rg, f"jpg_{slot}")
                     rows = {}
                     for s, row, u in items:
                         if s == slot:
@@ -511,7 +516,18 @@ class _ParquetSource:
                     if batch_items:
                         self._check(batch_items, pool, on_image)
                         bar.update(len(batch_items))
+                    self._pa.default_memory_pool().release_unused()
         bar.close()
+
+    def _warn_big(self, pf, rel: str, rg: int, column: str) -> None:
+        """Arrow materialises a row group's whole column chunk: warn when that is large."""
+        meta = pf.metadata.row_group(rg)
+        for i in range(meta.num_columns):
+            c = meta.column(i)
+            if c.path_in_schema == column and c.total_uncompressed_size > _BIG_CHUNK and rel not in self._warned:
+                self._warned.add(rel)
+                self.log(f"warning: {rel} row group {rg} has a {c.total_uncompressed_size / 1e6:.0f} MB {column} "
+                         f"column chunk; peak memory is about twice that")
 
     @staticmethod
     def _check(items, pool, on_image):

@@ -43,9 +43,10 @@ Scores (all in [0, 1], higher is better; each gets Gaussian rater noise of std 0
   0.8-1.2 by the artifact's extent).
 - alignment = 0.96 - 0.42 * sum of error weights / (1 + 0.15 * (groups - 1)); weights: missing 1.0,
   wrong shape 0.75, colour 0.65, count 0.55, place 0.55, size 0.45.
-- aesthetics = 0.12 + 0.30 * (1 - background grain) + 0.20 * balance (area-weighted centroid of the
-  drawn objects near the image centre) + 0.15 * (1 - clutter: drawn objects + artifacts) + 0.15 *
-  palette harmony (fewer distinct object colours is better) - 0.08 * min(1, artifact severity).
+- aesthetics = 0.12 + 0.30 * (1 - background dullness: mixed toward a muddy grey, and grainier)
+  + 0.20 * balance (area-weighted centroid of the drawn objects near the image centre)
+  + 0.15 * (1 - clutter: drawn objects + artifacts) + 0.15 * palette harmony (fewer distinct object
+  colours is better) - 0.08 * min(1, artifact severity).
 - overall = 0.4 * plausibility + 0.35 * alignment + 0.25 * aesthetics (noise-free parts).
 
 Every quantity is visible in the picture, so the scores need the image; records come in pairs
@@ -116,6 +117,7 @@ ARTIFACT_KINDS: tuple[str, ...] = ("smear", "duplicate", "broken", "melt", "blot
 ARTIFACT_SEVERITY = {"smear": 0.8, "duplicate": 0.7, "broken": 1.0, "melt": 0.9, "blotch": 0.85}
 PASTELS = ((236, 232, 220), (220, 232, 240), (232, 240, 222), (242, 226, 230), (226, 224, 242), (245, 238, 212))
 OUTLINE = (30, 30, 35)
+MUD = (118, 108, 96)  # a dull background is mixed toward this colour (and gets more grain)
 SCORE_NOISE = 0.025
 BOUND = 1.2  # bounding-circle radius of every shape, in units of its nominal radius
 _STREAM_PROMPT, _STREAM_RENDER, _STREAM_SHARE = 1, 2, 3
@@ -272,7 +274,7 @@ class Scene:
     drawn: list[Group]  # per group, what was actually drawn
     instances: list[Instance] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
-    grain: float = 0.0
+    dull: float = 0.0  # background dullness in [0, 1]: darker, muddier, grainier
 
 
 def _allowed_errors(spec: PromptSpec, gi: int) -> list[str]:
@@ -431,8 +433,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, fill, outline,
         draw.polygon(_shape_points(shape, cx, cy, r), fill=fill, outline=outline, width=width)
 
 
-def _background(rng: np.random.Generator, W: int) -> np.ndarray:
+def _background(rng: np.random.Generator, W: int, dull: float) -> np.ndarray:
     c0, c1 = (np.array(PASTELS[i], np.float32) for i in rng.choice(len(PASTELS), 2, replace=False))
+    c0, c1 = ((1 - 0.6 * dull) * c + 0.6 * dull * np.array(MUD, np.float32) for c in (c0, c1))
     a = rng.uniform(0, 2 * math.pi)
     t = np.linspace(-0.5, 0.5, W, dtype=np.float32)
     g = np.clip(0.5 + math.cos(a) * t[None, :] + math.sin(a) * t[:, None], 0, 1)[..., None]
@@ -550,6 +553,10 @@ def _art_blotch(cv: _Canvas, rng, W: int) -> Artifact:
 _OBJECT_ARTIFACTS = {"smear": _art_smear, "duplicate": _art_duplicate, "broken": _art_broken, "melt": _art_melt}
 
 
+def _on_image(x: float, y: float, margin: float = 0.03) -> tuple[float, float]:
+    return float(np.clip(x, margin, 1 - margin)), float(np.clip(y, margin, 1 - margin))
+
+
 def _draw_artifacts(cv: _Canvas, scene: Scene, rng) -> list[Artifact]:
     n = int(rng.choice([0, 1, 2, 3], p=[0.5, 0.25, 0.15, 0.1]))
     kinds = [str(k) for k in rng.choice(ARTIFACT_KINDS, n)]
@@ -563,6 +570,9 @@ def _draw_artifacts(cv: _Canvas, scene: Scene, rng) -> list[Artifact]:
         else:
             art = _art_blotch(cv, rng, cv.W)
         art.severity = ARTIFACT_SEVERITY[art.kind] * (0.8 + 0.4 * float(np.clip(art.severity, 0, 1)))
+        # raters click on what they see: keep the points on the image (drips and smears may leave it)
+        art.points = [_on_image(x, y) for x, y in art.points]
+        art.anchor = _on_image(*art.anchor)
         out.append(art)
     return out
 
@@ -623,7 +633,7 @@ def _true_scores(scene: Scene) -> dict[str, float]:
     balance = 1 - min(1.0, math.hypot(cx - 0.5, cy - 0.5) / 0.35)
     clutter = min(1.0, (len(drawn) + len(scene.artifacts) - 1) / 7)
     harmony = max(0.0, 1 - 0.25 * (len({scene.drawn[p.group].colour for p in drawn}) - 1))
-    aes = 0.12 + 0.30 * (1 - scene.grain) + 0.20 * balance + 0.15 * (1 - clutter) + 0.15 * harmony - 0.08 * min(1.0, sev)
+    aes = 0.12 + 0.30 * (1 - scene.dull) + 0.20 * balance + 0.15 * (1 - clutter) + 0.15 * harmony - 0.08 * min(1.0, sev)
     aes = float(np.clip(aes, 0.02, 0.98))
     overall = 0.4 * plaus + 0.35 * align + 0.25 * aes
     return {"plausibility": plaus, "alignment": align, "aesthetics": aes, "overall": overall}
@@ -664,14 +674,14 @@ def render_scene(spec: PromptSpec, rng: np.random.Generator, size: int = 128) ->
     scene = Scene(spec, errors, place, drawn)
     scene.instances = _layout(scene, rng)
     W = 2 * size
-    cv = _Canvas(_background(rng, W))
+    scene.dull = float(rng.uniform(0, 1))
+    cv = _Canvas(_background(rng, W, scene.dull))
     for p in sorted(scene.instances, key=lambda p: -p.r):  # big first: a container under its content
         if p.drawn:
             cv.object(p, drawn[p.group])
     scene.artifacts = _draw_artifacts(cv, scene, rng)
-    scene.grain = float(rng.uniform(0, 1))
     img = np.asarray(cv.img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
-    img = img + rng.normal(0, 3 + 22 * scene.grain, (size, size, 1)).astype(np.float32)
+    img = img + rng.normal(0, 3 + 15 * scene.dull, (size, size, 1)).astype(np.float32)
     image = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
     return scene, image, _implausibility_map(scene.artifacts, size, rng), _misalignment_map(scene, size, rng)
 

@@ -317,10 +317,14 @@ class Trainer:
         over_time = False
         try:
             while self.step < total_steps and not interrupted:
-                self.sampler.set_epoch(self.epoch)
+                # accelerate's loader re-sets its sampler's epoch from its own counter on every
+                # iteration: set that counter (not just our sampler), also on the skipping loader.
+                self.train_loader.set_epoch(self.epoch)
                 loader = self.train_loader
                 if self.batch_in_epoch:
                     loader = acc.skip_first_batches(self.train_loader, self.batch_in_epoch)
+                    if hasattr(loader, "set_epoch"):
+                        loader.set_epoch(self.epoch)
                 for batch in loader:
                     with acc.accumulate(self.model):
                         with acc.autocast():

@@ -1,0 +1,124 @@
+"""The main job: train.py end to end, resume, two CPU processes, config errors."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rahf.configtools import ConfigError
+from rahf.training.config import resolve_config
+from rahf.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def small(data_root, out, name, *extra):
+    return [f"data.root={data_root}", f"run.output_dir={out}", f"run.name={name}", "tracking.tracker=none",
+            "data.num_workers=0", "train.batch_size=8", "eval.batch_size=16", "optim.warmup_steps=2", *extra]
+
+
+def weights_digest(path: Path) -> str:
+    sd = load_file(str(path))
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_train_py_end_to_end_with_overrides(synth_root, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), *small(synth_root, tmp_path, "e2e", "train.max_steps=6",
+                                                          "eval.every=3", "checkpoint.every=3", "optim.lr=2e-3")]
+    res = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "e2e"
+    cfg_text = (run / "config.yaml").read_text()
+    assert "lr: 0.002" in cfg_text and "max_steps: 6" in cfg_text
+    assert "git_commit" in json.loads((run / "run_info.json").read_text())
+    export = run / "export"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.json"} <= {p.name for p in export.iterdir()}
+    metrics = json.loads((export / "metrics.json").read_text())
+    for k in ("score/plcc/overall", "score/srcc/plausibility", "heatmap/cc/implausibility",
+              "heatmap/mse_gt0/misalignment", "heatmap/auc_judd/implausibility", "keyword/f1",
+              "keyword_per_prompt/precision"):
+        assert k in metrics
+    assert metrics["count/n"] == 16
+    # keep-last-2 pruning: steps 3 and 6 remain
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    assert "MSE GT=0" in res.stdout and "PLCC" in res.stdout
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "dev" for r in log)
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match="optim.lr"):
+        resolve_config(None, ["optim.lrr=1e-4"])
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        resolve_config(None, ["train.batchsize=4"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        resolve_config(None, ["train.max_steps=ten"])
+    cfg = resolve_config(None, ["optim.lr=1e-4", "model.preset=paper", "model.variant=augmented_prompt"])
+    assert cfg.optim.lr == 1e-4 and cfg.model.vision.img_size == 224 and cfg.model.variant == "augmented_prompt"
+
+
+def _train(args):
+    return Trainer(resolve_config(None, args), resume="latest").train()
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_path):
+    common = ["train.max_steps=8", "checkpoint.every=4", "eval.every=0", "eval.test_at_end=false",
+              "train.grad_accum=2", "train.deterministic=true", "checkpoint.keep_last=5"]
+    torch.manual_seed(123)  # the trainer must not depend on the global state it was started with
+    _train(small(synth_root, tmp_path, "straight", *common))
+    first = _train(small(synth_root, tmp_path, "pieces", *common, "train.stop_after_steps=3"))
+    assert first["interrupted"] and first["step"] == 3
+    state = json.loads((tmp_path / "pieces/checkpoints/step_000003/trainer_state.json").read_text())
+    assert state["step"] == 3 and state["batch_in_epoch"] == 6  # 3 steps × 2 accumulated batches
+    torch.manual_seed(999)
+    _train(small(synth_root, tmp_path, "pieces", *common))
+    a = weights_digest(tmp_path / "straight/checkpoints/step_000008/model.safetensors")
+    b = weights_digest(tmp_path / "pieces/checkpoints/step_000008/model.safetensors")
+    assert a == b
+    # a changed config refuses to resume, naming the difference
+    with pytest.raises(ValueError, match="lr"):
+        Trainer(resolve_config(None, small(synth_root, tmp_path, "pieces", *common, "optim.lr=0.5")),
+                resume="latest").train()
+
+
+def test_two_cpu_processes_stay_in_sync_and_evaluate_like_one(synth_root, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/cpu_2proc.yaml")]
+    cmd = launch + [str(ROOT / "tests/dist_train_check.py"), str(tmp_path / "digests"),
+                    *small(synth_root, tmp_path, "ddp", "train.max_steps=3", "eval.every=0", "checkpoint.every=0",
+                           "eval.test_at_end=false")]
+    res = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    digests = sorted((tmp_path / "digests").glob("rank*.txt"))
+    assert len(digests) == 2
+    d0, d1 = (p.read_text() for p in digests)
+    assert d0 == d1
+    info = json.loads((tmp_path / "digests" / "rank0.json").read_text())
+    assert info["num_processes"] == 2 and info["step"] == 3
+    # distributed evaluation of the export equals single-process evaluation (16 test examples, batch 5:
+    # uneven shards, so gather_for_metrics must drop the padding duplicates)
+    export = tmp_path / "ddp" / "export"
+    ev = ["rahf.cli", "eval", "--checkpoint", str(export), "--data", str(synth_root), "--split", "test",
+          "--batch-size", "5", "--num-workers", "0"]
+    single = subprocess.run([sys.executable, "-m", *ev, "--out", str(tmp_path / "one.json")], env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run(launch + ["-m", *ev, "--out", str(tmp_path / "two.json")], env=ENV, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one["count/n"] == two["count/n"] == 16
+    assert one.keys() == two.keys()
+    for k in one:
+        if isinstance(one[k], float) and one[k] == one[k]:
+            assert abs(one[k] - two[k]) < 1e-5, (k, one[k], two[k])
