@@ -13,7 +13,9 @@ DATA_COMMANDS = [
 ]
 # (module, function) pairs that add top-level subcommands (train, eval, predict, ...).
 TOP_COMMANDS: list[tuple[str, str]] = [
-    ("rahf.training.cli", "register"),
+    ("rahf.training.cli", "register"),  # train, eval
+    ("rahf.predict_cli", "register"),  # predict, select, mask
+    ("rahf.beyond_cli", "register"),  # cbm, textnorm, ensemble
 ]
 
 
