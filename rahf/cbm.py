@@ -1,0 +1,565 @@
+"""Concept-bottleneck reward aggregation (SPEC §5, seeds 000/001).
+
+Stage 1 is any set of fine-grained attributes per (image, prompt): RAHF's predicted scores and
+heatmap statistics (:func:`rahf_attributes`), columns of a user's table, or -- in the controlled
+experiment -- per-attribute classifiers trained on image features. Stage 2 is a class-balanced,
+L2-regularised logistic regression on standardised attributes (:class:`Aggregator`) to a coarse
+binary target (a score thresholded at e.g. its median, or a user's 0/1 column). Its standardised
+weights say which attributes matter; it is saved as plain JSON.
+
+:func:`learning_curve` measures the aggregator against a *coarse* model -- the same logistic
+regression trained directly on frozen image(+prompt) embeddings -- over label budgets (seed 001,
+Fig. 2). :func:`controlled_experiment` reproduces seed 001's Experiment 2 on synth data, whose
+attributes are known exactly (Fig. 3): a decision-tree target over three attributes; a CBM with the
+right attributes, with extra ones, and with mismatched ones, against a coarse model.
+
+Logistic regression
+-------------------
+:func:`fit_logistic` minimises ``sum_i s_i * logloss_i / sum_i s_i + l2/2 * |w|^2`` (bias not
+penalised) with L-BFGS (scipy) and the exact gradient; with ``balanced=True`` the sample weights are
+``s_i = n / (2 n_{y_i})`` so both classes weigh the same. Inputs are standardised by the caller
+(:class:`Standardizer`): zero mean, unit variance on the fitting rows (constant columns get scale 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit
+
+from .textnorm import roc_auc
+
+__all__ = [
+    "Standardizer",
+    "fit_logistic",
+    "class_weights",
+    "Aggregator",
+    "fit_aggregator",
+    "rahf_attributes",
+    "RAHF_ATTRIBUTES",
+    "binarize",
+    "learning_curve",
+    "image_features",
+    "synth_attributes",
+    "TREES",
+    "controlled_experiment",
+    "format_curve_table",
+    "plot_curves",
+    "read_table",
+]
+
+DEFAULT_BUDGETS: tuple = (25, 50, 100, 200, 400, "all")
+
+
+# ----------------------------------------------------------------------------------------------
+# logistic regression
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Standardizer:
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, X) -> "Standardizer":
+        X = np.asarray(X, dtype=np.float64)
+        mu = X.mean(axis=0)
+        sd = X.std(axis=0)
+        sd = np.where(sd > 1e-12, sd, 1.0)
+        return cls(mu, sd)
+
+    def __call__(self, X) -> np.ndarray:
+        return (np.asarray(X, dtype=np.float64) - self.mean) / self.scale
+
+
+def class_weights(y) -> np.ndarray:
+    """Balanced sample weights n / (2 n_class): each class carries half the total weight."""
+    y = np.asarray(y).astype(bool)
+    n, npos = y.size, int(y.sum())
+    if npos == 0 or npos == n:
+        return np.ones(n)
+    return np.where(y, n / (2.0 * npos), n / (2.0 * (n - npos)))
+
+
+def fit_logistic(X, y, l2: float = 1e-2, balanced: bool = True, sample_weight=None,
+                 max_iter: int = 500) -> tuple[np.ndarray, float]:
+    """Weighted L2-regularised logistic regression; returns ``(w, b)``. ``y`` in {0, 1}.
+
+    One-class ``y`` gives ``w = 0`` and the bias of the (clipped) class rate.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    n, d = X.shape
+    if y.size != n:
+        raise ValueError(f"{n} rows but {y.size} labels")
+    if y.min() == y.max():
+        p = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
+        return np.zeros(d), math.log(p / (1 - p))
+    s = class_weights(y) if balanced else np.ones(n)
+    if sample_weight is not None:
+        s = s * np.asarray(sample_weight, dtype=np.float64)
+    s = s / s.sum()
+
+    def f(theta):
+        w, b = theta[:d], theta[d]
+        z = X @ w + b
+        loss = float(np.dot(s, np.logaddexp(0.0, z) - y * z)) + 0.5 * l2 * float(np.dot(w, w))
+        g = s * (expit(z) - y)
+        return loss, np.r_[X.T @ g + l2 * w, g.sum()]
+
+    res = minimize(f, np.zeros(d + 1), jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+    return res.x[:d].copy(), float(res.x[d])
+
+
+# ----------------------------------------------------------------------------------------------
+# the aggregator
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Aggregator:
+    """Stage 2: ``p = sigmoid(b + sum_j w_j (x_j - mean_j) / scale_j)`` over named attributes."""
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]  # on standardised attributes: comparable across attributes
+    bias: float
+    target: dict = field(default_factory=dict)  # {"name", "threshold", "rule"} -- documentation only
+    l2: float = 1e-2
+    balanced: bool = True
+    metrics: dict = field(default_factory=dict)
+
+    FORMAT = "rahf-cbm-aggregator"
+
+    def _matrix(self, X) -> np.ndarray:
+        if isinstance(X, Mapping):
+            X = [X]
+        if len(X) and isinstance(X[0], Mapping):
+            missing = [f for f in self.features if f not in X[0]]
+            if missing:
+                raise KeyError(f"rows lack the aggregator's features {missing}")
+            X = [[float(r[f]) for f in self.features] for r in X]
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.features):
+            raise ValueError(f"expected (N, {len(self.features)}) attributes, got {X.shape}")
+        return X
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logits for rows (an (N, M) array in ``features`` order, or dicts keyed by feature name)."""
+        Z = (self._matrix(X) - np.asarray(self.mean)) / np.asarray(self.scale)
+        return Z @ np.asarray(self.weights) + self.bias
+
+    def predict_proba(self, X) -> np.ndarray:
+        return expit(self.decision_function(X))
+
+    @property
+    def raw_weights(self) -> dict[str, float]:
+        """Weights per unit of each attribute (``w_j / scale_j``)."""
+        return {f: w / s for f, w, s in zip(self.features, self.weights, self.scale)}
+
+    def ranked_weights(self) -> list[tuple[str, float]]:
+        """(feature, standardised weight) by decreasing |weight|."""
+        return sorted(zip(self.features, self.weights), key=lambda t: -abs(t[1]))
+
+    def to_dict(self) -> dict:
+        return {"format": self.FORMAT, "version": 1, "features": list(self.features),
+                "mean": [float(v) for v in self.mean], "scale": [float(v) for v in self.scale],
+                "weights": [float(v) for v in self.weights], "bias": float(self.bias), "target": self.target,
+                "l2": self.l2, "balanced": self.balanced, "metrics": self.metrics}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Aggregator":
+        if d.get("format") != cls.FORMAT:
+            raise ValueError(f"not a {cls.FORMAT} file (format={d.get('format')!r})")
+        n = len(d["features"])
+        if not (len(d["mean"]) == len(d["scale"]) == len(d["weights"]) == n):
+            raise ValueError("aggregator JSON: features/mean/scale/weights lengths differ")
+        return cls(list(d["features"]), list(d["mean"]), list(d["scale"]), list(d["weights"]), float(d["bias"]),
+                   dict(d.get("target", {})), float(d.get("l2", 1e-2)), bool(d.get("balanced", True)),
+                   dict(d.get("metrics", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Aggregator":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def fit_aggregator(X, y, features: Sequence[str], l2: float = 1e-2, balanced: bool = True,
+                   target: Mapping | None = None) -> Aggregator:
+    """Standardise ``X`` (N, M) and fit the class-balanced logistic aggregator to 0/1 ``y``."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[1] != len(features):
+        raise ValueError(f"{X.shape[1]} columns but {len(features)} feature names")
+    st = Standardizer.fit(X)
+    w, b = fit_logistic(st(X), y, l2=l2, balanced=balanced)
+    return Aggregator(list(features), st.mean.tolist(), st.scale.tolist(), w.tolist(), b, dict(target or {}),
+                      l2, balanced)
+
+
+def binarize(values, threshold="median", reference=None) -> tuple[np.ndarray, float]:
+    """``values >= threshold`` as 0/1; ``threshold`` a number or ``"median"`` (of ``reference``,
+    default ``values``). Returns (labels, the numeric threshold used)."""
+    v = np.asarray(values, dtype=np.float64)
+    if isinstance(threshold, str):
+        if threshold != "median":
+            threshold = float(threshold)
+        else:
+            threshold = float(np.median(v if reference is None else np.asarray(reference, dtype=np.float64)))
+    return (v >= threshold).astype(np.int64), float(threshold)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1 from RAHF predictions
+# ----------------------------------------------------------------------------------------------
+SCORE_ATTRS = ("plausibility", "alignment", "aesthetics", "overall")
+MAP_STATS = ("mean", "max", "area")
+RAHF_ATTRIBUTES: tuple[str, ...] = SCORE_ATTRS + tuple(f"{m}_{s}" for m in ("implausibility", "misalignment")
+                                                         for s in MAP_STATS) + ("misaligned_words", "misaligned_frac")
+
+
+def _get(res, key):
+    return res[key] if isinstance(res, Mapping) else getattr(res, key)
+
+
+def _map(res, name: str) -> np.ndarray:
+    """A heatmap of a scorer result: ``<name>_map``, ``<name>`` or ``heatmaps[name]``."""
+    for key in (f"{name}_map", name):
+        try:
+            v = _get(res, key)
+        except (KeyError, AttributeError):
+            continue
+        if v is not None:
+            return np.asarray(v, dtype=np.float64)
+    return np.asarray(_get(res, "heatmaps")[name], dtype=np.float64)
+
+
+def rahf_attributes(result) -> dict[str, float]:
+    """Fine-grained attributes from one scorer result: the four predicted scores; for each heatmap
+    its mean, max and area (fraction of pixels > 0.5); the number and fraction of prompt words the
+    decoder tagged as misaligned (0 when the scorer did not decode)."""
+    out = {k: float(_get(result, "scores")[k]) for k in SCORE_ATTRS}
+    for m in ("implausibility", "misalignment"):
+        a = _map(result, m)
+        out[f"{m}_mean"] = float(a.mean())
+        out[f"{m}_max"] = float(a.max())
+        out[f"{m}_area"] = float((a > 0.5).mean())
+    try:
+        words = _get(result, "misaligned_words") or []
+        tagged = _get(result, "tagged_prompt") or ""
+    except (KeyError, AttributeError):
+        words, tagged = [], ""
+    n_words = max(1, len(tagged.split()))
+    out["misaligned_words"] = float(len(words))
+    out["misaligned_frac"] = float(len(words)) / n_words
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# learning curves
+# ----------------------------------------------------------------------------------------------
+def _budgets(budgets, n: int) -> list[int]:
+    out = []
+    for b in budgets:
+        k = n if b in ("all", None) else int(b)
+        if k <= n and k not in out:
+            out.append(k)
+    return out
+
+
+def _sample(rng, y, k: int, tries: int = 100) -> np.ndarray | None:
+    """k row indices without replacement with both classes of ``y`` present (None if impossible)."""
+    n = y.size
+    if k >= n:
+        return np.arange(n)
+    for _ in range(tries):
+        idx = rng.choice(n, k, replace=False)
+        if 0 < y[idx].sum() < k:
+            return idx
+    return None
+
+
+def _summarise(per_seed: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, dict]]:
+    out = {}
+    for name, by_b in per_seed.items():
+        out[name] = {}
+        for b, vals in by_b.items():
+            v = np.asarray([x for x in vals if x == x], dtype=np.float64)
+            out[name][b] = {"mean": float(v.mean()) if v.size else math.nan,
+                            "std": float(v.std()) if v.size else math.nan, "n": int(v.size)}
+    return out
+
+
+def learning_curve(attrs_fit, y_fit, attrs_eval, y_eval, emb_fit=None, emb_eval=None,
+                   budgets=DEFAULT_BUDGETS, seeds: int = 5, l2_cbm: float = 1e-2, l2_coarse: float = 1.0,
+                   seed: int = 0) -> dict:
+    """ROC-AUC on the eval rows of (a) the aggregator on attributes and (b) the coarse logistic model
+    on embeddings, each fitted on ``k`` random labelled rows for ``k`` in ``budgets`` (``"all"``:
+    every row), averaged over ``seeds`` draws (both models see the same rows).
+
+    Returns ``{"budgets": [...], "curves": {"cbm"|"coarse": {k: {"mean", "std", "n"}}}}``.
+    """
+    A, Ae = np.asarray(attrs_fit, np.float64), np.asarray(attrs_eval, np.float64)
+    y, ye = np.asarray(y_fit).astype(int), np.asarray(y_eval).astype(int)
+    ks = _budgets(budgets, y.size)
+    per: dict[str, dict[int, list[float]]] = {"cbm": {k: [] for k in ks}}
+    if emb_fit is not None:
+        E, Ee = np.asarray(emb_fit, np.float64), np.asarray(emb_eval, np.float64)
+        per["coarse"] = {k: [] for k in ks}
+    rng = np.random.default_rng(seed)
+    for k in ks:
+        for _ in range(1 if k >= y.size else seeds):
+            idx = _sample(rng, y, k)
+            if idx is None:
+                continue
+            st = Standardizer.fit(A[idx])
+            w, b = fit_logistic(st(A[idx]), y[idx], l2=l2_cbm)
+            per["cbm"][k].append(roc_auc(st(Ae) @ w + b, ye))
+            if emb_fit is not None:
+                st = Standardizer.fit(E[idx])
+                w, b = fit_logistic(st(E[idx]), y[idx], l2=l2_coarse)
+                per["coarse"][k].append(roc_auc(st(Ee) @ w + b, ye))
+    return {"budgets": ks, "curves": _summarise(per)}
+
+
+def format_curve_table(curve: Mapping, metric: str = "ROC-AUC") -> str:
+    """Markdown table: one row per model, one column per budget, ``mean ± std``."""
+    ks = curve["budgets"]
+    lines = [f"| model ({metric}) | " + " | ".join(f"n={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for name, by_k in curve["curves"].items():
+        cells = []
+        for k in ks:
+            c = by_k.get(k) or by_k.get(str(k))
+            cells.append("" if c is None or c["n"] == 0 else
+                         (f"{c['mean']:.3f}" if c["n"] == 1 else f"{c['mean']:.3f} ± {c['std']:.3f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curve: Mapping, path: str | Path, title: str = "", ylabel: str = "ROC-AUC (held out)") -> None:
+    """Save a PNG of the curves (x: label budget, log scale; y: mean with a ±std band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = curve["budgets"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    colours = {"coarse": "black", "cbm": "tab:purple", "cbm-right": "tab:red", "cbm-extra": "tab:blue",
+               "cbm-mismatched": "tab:orange"}
+    for name, by_k in curve["curves"].items():
+        xs = [k for k in ks if (by_k.get(k) or by_k.get(str(k)) or {}).get("n")]
+        m = np.array([(by_k.get(k) or by_k.get(str(k)))["mean"] for k in xs])
+        s = np.array([(by_k.get(k) or by_k.get(str(k)))["std"] for k in xs])
+        c = colours.get(name)
+        ax.plot(xs, m, "o-", label=name, color=c)
+        ax.fill_between(xs, m - s, m + s, alpha=0.15, color=c)
+    ax.set_xscale("log")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("labelled examples (N)")
+    ax.set_ylabel(ylabel)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+# ----------------------------------------------------------------------------------------------
+def read_table(path: str | Path) -> list[dict]:
+    """Rows of a JSONL (one object a line) or CSV (header row) file; numeric strings become floats."""
+    p = Path(path)
+    if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        import csv
+
+        with open(p, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            for k, v in r.items():
+                try:
+                    r[k] = float(v)
+                except (TypeError, ValueError):
+                    pass
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the controlled experiment (seed 001, Experiment 2) on synth data
+# ----------------------------------------------------------------------------------------------
+def image_features(image) -> np.ndarray:
+    """Simple frozen image features (no learning): an 8x8 RGB thumbnail (192), HSV statistics,
+    grain (mean |pixel - 3x3 box blur|, per channel), colourful-pixel fraction and a 12-bin hue
+    histogram of colourful pixels, dark-pixel fraction, gradient energy. float64, length 222."""
+    from PIL import Image
+
+    im = image.convert("RGB")
+    a = np.asarray(im, dtype=np.float64) / 255.0
+    thumb = np.asarray(im.resize((8, 8), Image.Resampling.BOX), dtype=np.float64).reshape(-1) / 255.0
+    mx, mn = a.max(axis=2), a.min(axis=2)
+    v = mx
+    s = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-12), 0.0)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    d = np.maximum(mx - mn, 1e-12)
+    h = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) / 6.0
+    colourful = (s > 0.45) & (v > 0.3)
+    hist = np.bincount(np.minimum((h[colourful] * 12).astype(int), 11), minlength=12) / a[..., 0].size
+    pad = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    blur = sum(pad[i:i + a.shape[0], j:j + a.shape[1]] for i in range(3) for j in range(3)) / 9.0
+    grain = np.abs(a - blur).mean(axis=(0, 1))
+    gy, gx = np.abs(np.diff(v, axis=0)).mean(), np.abs(np.diff(v, axis=1)).mean()
+    stats = [s.mean(), s.std(), v.mean(), v.std(), colourful.mean(), (v < 0.25).mean(), gx, gy,
+             np.median(s), np.median(v), a.std(axis=(0, 1)).mean(), (s > 0.8).mean()]
+    return np.concatenate([thumb, np.asarray(stats), grain, hist, a.mean(axis=(0, 1)),
+                           np.abs(np.diff(a, axis=0)).mean(axis=(0, 1)), np.abs(np.diff(a, axis=1)).mean(axis=(0, 1))])
+
+
+def synth_attributes(record, aesthetics_threshold: float = 0.55) -> dict[str, int]:
+    """Known binary attributes of a regenerated synth record (``rahf.data.synth.make_record``).
+
+    artifact: at least one rendering artifact; dull: background dullness > 0.5; cluttered: >= 4
+    objects drawn; misaligned: some prompt word tagged; aesthetic: aesthetics score >= threshold;
+    relation: the prompt has a spatial relation; big: a group drawn big; many_colours: >= 3 distinct
+    drawn colours; off_centre: objects' area-weighted centroid > 0.15 of the side from the centre.
+    """
+    sc = record.scene
+    drawn = [p for p in sc.instances if p.drawn]
+    w = np.array([p.r ** 2 for p in drawn]) if drawn else np.ones(1)
+    cx = float(np.dot([p.x for p in drawn], w) / w.sum()) if drawn else 0.5
+    cy = float(np.dot([p.y for p in drawn], w) / w.sum()) if drawn else 0.5
+    return {
+        "artifact": int(len(sc.artifacts) > 0),
+        "dull": int(sc.dull > 0.5),
+        "cluttered": int(len(drawn) >= 4),
+        "misaligned": int("_0" in record.tagged_prompt),
+        "aesthetic": int(record.scores["aesthetics"] >= aesthetics_threshold),
+        "relation": int(sc.spec.relation is not None),
+        "big": int(any(g.size == "big" for g in sc.drawn)),
+        "many_colours": int(len({sc.drawn[p.group].colour for p in drawn}) >= 3),
+        "off_centre": int(math.hypot(cx - 0.5, cy - 0.5) > 0.15),
+    }
+
+
+SYNTH_ATTRIBUTES: tuple[str, ...] = ("artifact", "dull", "cluttered", "misaligned", "aesthetic", "relation", "big",
+                                     "many_colours", "off_centre")
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A decision-tree target over three binary attributes (root, then two branches)."""
+
+    name: str
+    attributes: tuple[str, str, str]
+    rule: Callable[[Mapping[str, int]], int]
+    text: str
+
+
+TREES: dict[str, Tree] = {
+    # image-only (seed 001's Experiment 2 is image-only): visible in the pixels
+    "image": Tree("image", ("artifact", "dull", "cluttered"),
+                  lambda a: int(not a["artifact"] and (not a["dull"] or not a["cluttered"])),
+                  "good = no artifact AND (bright background OR not cluttered)"),
+    # the RAHF feedback dimensions; 'misaligned' needs the prompt: use with --checkpoint embeddings
+    "feedback": Tree("feedback", ("artifact", "misaligned", "aesthetic"),
+                     lambda a: int(not a["artifact"] and (not a["misaligned"] or a["aesthetic"])),
+                     "good = no artifact AND (aligned OR aesthetic)"),
+}
+
+
+def _stage1(F, attrs, idx, Fe, l2):
+    """Per-attribute logistic classifiers on features (fit rows ``idx``); eval-row probabilities."""
+    st = Standardizer.fit(F[idx])
+    Xi, Xe = st(F[idx]), st(Fe)
+    out = np.empty((Fe.shape[0], attrs.shape[1]))
+    for j in range(attrs.shape[1]):
+        w, b = fit_logistic(Xi, attrs[idx, j], l2=l2)
+        out[:, j] = expit(Xe @ w + b)
+    return out
+
+
+def controlled_experiment(feats_fit, attrs_fit: Mapping[str, np.ndarray], feats_eval,
+                          attrs_eval: Mapping[str, np.ndarray], tree: Tree, budgets=DEFAULT_BUDGETS,
+                          seeds: int = 5, l2_features: float = 1.0, l2_cbm: float = 1e-2, seed: int = 0,
+                          mismatched: Sequence[str] | None = None, extra: Sequence[str] | None = None) -> dict:
+    """Seed 001's Experiment 2. The target ``t = tree(attributes)`` is exact. For each budget ``k``
+    and draw: the coarse model is a logistic regression from features to ``t`` on ``k`` rows; each
+    CBM trains one logistic classifier per attribute on the same ``k`` rows (stage 1) and an
+    aggregator from the true attributes of those rows to ``t`` (stage 2, "independent" CBM
+    training); at test the aggregator reads stage 1's predicted probabilities. CBM variants:
+    ``cbm-right`` (the tree's 3 attributes), ``cbm-extra`` (those + ``extra``, default: all others),
+    ``cbm-mismatched`` (``mismatched``, default: all attributes not in the tree).
+    Returns the curve dict of :func:`learning_curve` plus ``"sets"`` and ``"positive_rate"``.
+    """
+    names = list(attrs_fit)
+    F, Fe = np.asarray(feats_fit, np.float64), np.asarray(feats_eval, np.float64)
+    Afit = np.stack([np.asarray(attrs_fit[n]) for n in names], 1).astype(np.float64)
+    Aev = np.stack([np.asarray(attrs_eval[n]) for n in names], 1).astype(np.float64)
+    t = np.array([tree.rule(dict(zip(names, row))) for row in Afit.astype(int)])
+    te = np.array([tree.rule(dict(zip(names, row))) for row in Aev.astype(int)])
+    right = list(tree.attributes)
+    others = [n for n in names if n not in right]
+    sets = {"cbm-right": right, "cbm-extra": right + list(extra if extra is not None else others),
+            "cbm-mismatched": list(mismatched if mismatched is not None else others)}
+    col = {n: i for i, n in enumerate(names)}
+    ks = _budgets(budgets, t.size)
+    per: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in ["coarse", *sets]}
+    per["oracle-attributes"] = {k: [] for k in ks}  # stage 2 on the true test attributes (upper bound)
+    rng = np.random.default_rng(seed)
+    for k in ks:
+        for _ in range(1 if k >= t.size else seeds):
+            idx = _sample(rng, t, k)
+            if idx is None:
+                continue
+            st = Standardizer.fit(F[idx])
+            w, b = fit_logistic(st(F[idx]), t[idx], l2=l2_features)
+            per["coarse"][k].append(roc_auc(st(Fe) @ w + b, te))
+            P = _stage1(F, Afit, idx, Fe, l2_features)  # every attribute once; variants pick columns
+            for name, s in sets.items():
+                cols = [col[n] for n in s]
+                agg = fit_aggregator(Afit[idx][:, cols], t[idx], s, l2=l2_cbm)
+                per[name][k].append(roc_auc(agg.decision_function(P[:, cols]), te))
+            agg = fit_aggregator(Afit[idx][:, [col[n] for n in right]], t[idx], right, l2=l2_cbm)
+            per["oracle-attributes"][k].append(roc_auc(agg.decision_function(Aev[:, [col[n] for n in right]]), te))
+    return {"budgets": ks, "curves": _summarise(per), "sets": sets, "tree": tree.text,
+            "positive_rate": {"fit": float(t.mean()), "eval": float(te.mean())}}
+
+
+_UID = re.compile(r"^synth-(?P<split>[a-z]+)-(?P<index>\d+)$")
+
+
+def regenerate_synth(root: str | Path, split: str, entries: Sequence[Mapping]) -> list:
+    """Re-create the synth records of ``entries`` (manifest lines) from the dataset's seed and size,
+    checking each against its manifest (prompt and tags). Raises ValueError if the data is not
+    reproducible synth data."""
+    from .data.format import read_dataset_info
+    from .data.synth import make_record
+
+    info = read_dataset_info(root)
+    if info.get("source") != "synth":
+        raise ValueError(f"{root} is not a synth dataset (dataset.json source={info.get('source')!r}); the "
+                         "controlled experiment needs the known attributes of synth scenes")
+    seed, size = int(info.get("seed", 0)), int(info.get("size", 128))
+    out = []
+    for e in entries:
+        m = _UID.match(e["uid"])
+        if not m:
+            raise ValueError(f"record {e['uid']!r}: not a synth uid")
+        rec = make_record(seed, m["split"], int(m["index"]), size)
+        if rec.tagged_prompt != e["tagged_prompt"]:
+            raise ValueError(f"record {e['uid']!r}: regenerated tags differ from the manifest "
+                             "(different generator version?)")
+        out.append(rec)
+    return out

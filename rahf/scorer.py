@@ -1,0 +1,228 @@
+"""``RAHFScorer``: load a checkpoint once and score images (scores, heatmaps, misaligned words).
+
+Example::
+
+    from rahf import RAHFScorer
+    scorer = RAHFScorer.from_pretrained("runs/r/export")            # cuda if available, else cpu
+    results = scorer.score(["a.png", "b.png"], "a yellow cat on a red mat")
+    results[0].scores["overall"], results[0].implausibility.shape, results[0].misaligned_words
+
+Preprocessing is the evaluation path's own (``image_to_tensor`` and ``RAHFCollator.tokenize_prompts``),
+so the numbers equal ``rahf eval``'s model outputs for the same image and prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import MAP_NAMES, SCORE_NAMES
+from .data.format import clean_prompt, load_image, parse_tagged
+from .data.torch_data import RAHFCollator, image_to_tensor
+
+ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
+DECODE_MODES = ("constrained", "free", None)
+
+
+@dataclass
+class ScoreResult:
+    """One image's feedback. Heatmaps are float32 (H, W) in [0, 1] at the image's own size."""
+
+    prompt: str
+    scores: dict[str, float]
+    implausibility: np.ndarray = field(repr=False)
+    misalignment: np.ndarray = field(repr=False)
+    tagged_prompt: Optional[str] = None
+    misaligned_words: list[str] = field(default_factory=list)
+    size: tuple[int, int] = (0, 0)  # (width, height) of the input image
+
+    @property
+    def heatmaps(self) -> dict[str, np.ndarray]:
+        return {"implausibility": self.implausibility, "misalignment": self.misalignment}
+
+    # dict-like access (``r["scores"]``) for callers that prefer plain dicts
+    def __getitem__(self, key: str):
+        if key == "heatmaps":
+            return self.heatmaps
+        return getattr(self, key)
+
+    def keys(self):
+        return ["prompt", "scores", "implausibility", "misalignment", "tagged_prompt", "misaligned_words", "size"]
+
+    def to_dict(self, heatmaps: bool = True) -> dict:
+        d = {k: self[k] for k in self.keys()}
+        if not heatmaps:
+            d.pop("implausibility"), d.pop("misalignment")
+        return d
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """A PIL RGB image from a PIL image, a file path, or a numpy array (HWC/HW/CHW; uint8 0–255 or
+    float in [0, 1] — float arrays with values above 1 are read as 0–255)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+            a = np.transpose(a, (1, 2, 0))  # CHW → HWC
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+            raise ValueError(f"cannot read an image from an array of shape {image.shape}")
+        if a.dtype != np.uint8:
+            a = a.astype(np.float32)
+            if a.size and np.nanmax(a) <= 1.0:
+                a = a * 255.0
+            a = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+    raise TypeError(f"unsupported image type {type(image).__name__}; give a PIL image, a path or a numpy array")
+
+
+def _prompts_for(prompts: Union[str, Sequence[str]], n: int) -> list[str]:
+    if isinstance(prompts, str):
+        return [clean_prompt(prompts)] * n
+    prompts = list(prompts)
+    if len(prompts) == 1 and n != 1:
+        prompts = prompts * n
+    if len(prompts) != n:
+        raise ValueError(f"{n} images but {len(prompts)} prompts (give one prompt, or one per image)")
+    return [clean_prompt(p) for p in prompts]
+
+
+def _batches(n: int, size: int) -> Iterable[slice]:
+    size = max(1, int(size))
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+class RAHFScorer:
+    """Batched inference with a trained :class:`rahf.model.RAHF` (weights loaded once)."""
+
+    def __init__(self, model, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype = dtype if dtype not in (torch.float32, None) else None
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.collator = RAHFCollator.for_model(model)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+                        dtype: Optional[torch.dtype] = None) -> "RAHFScorer":
+        """Load a ``save_pretrained`` directory. ``dtype`` (e.g. ``torch.bfloat16``) runs under autocast."""
+        from .model import RAHF
+
+        if isinstance(dtype, str):
+            dtype = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                     "fp16": torch.float16, "float16": torch.float16}[dtype]
+        return cls(RAHF.from_pretrained(Path(directory)), device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ internals
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+        """Model inputs for PIL images and clean prompts (the evaluation path's preprocessing)."""
+        v = self.config.vision
+        pixels = torch.stack([image_to_tensor(im, v.img_size, v.mean, v.std) for im in images])
+        batch = {"pixel_values": pixels, **self.collator.tokenize_prompts(list(prompts))}
+        return {k: t.to(self.device) for k, t in batch.items()}
+
+    @torch.no_grad()
+    def forward(self, images: Sequence[Image.Image], prompts: Sequence[str]):
+        """Raw :class:`rahf.model.RAHFOutput` for one batch of PIL images and clean prompts."""
+        batch = self.prepare(images, prompts)
+        with self._autocast():
+            return self.model(**batch)
+
+    def _decode(self, out, prompts: list[str], decode: Optional[str]) -> list[Optional[str]]:
+        if decode is None or decode == "none":
+            return [None] * len(prompts)
+        with self._autocast():
+            if decode == "constrained":
+                from .decoding import constrained_tagging
+
+                return constrained_tagging(self.model, out, prompts)
+            if decode == "free":
+                return self.model.generate_tagged(out)
+        raise ValueError(f"unknown decode mode {decode!r}; use 'constrained', 'free' or None")
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def score(self, images: Union[ImageLike, Sequence[ImageLike]], prompts: Union[str, Sequence[str]],
+              batch_size: int = 16, decode: Optional[str] = "constrained", progress: bool = False) -> list[ScoreResult]:
+        """Score images against prompts (one prompt for all images, or one per image).
+
+        Returns one :class:`ScoreResult` per image: the four scores, both heatmaps upsampled
+        (bilinear) to the image's own size, the tagged prompt and its misaligned words
+        (``decode``: ``"constrained"`` — the prompt's own words, each tagged or not; ``"free"`` —
+        greedy generation; ``None`` — skip). Images are loaded one batch at a time.
+        """
+        single = isinstance(images, (Image.Image, str, os.PathLike)) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object)
+        if single:
+            images = [images]
+        images = list(images)
+        prompts = _prompts_for(prompts, len(images))
+        results: list[ScoreResult] = []
+        from tqdm.auto import tqdm
+
+        n_batches = (len(images) + max(1, batch_size) - 1) // max(1, batch_size)
+        for sl in tqdm(list(_batches(len(images), batch_size)), desc="score", disable=not progress or n_batches < 2):
+            pil = [to_pil(im) for im in images[sl]]
+            ps = prompts[sl]
+            out = self.forward(pil, ps)
+            tagged = self._decode(out, ps, decode)
+            scores = out.scores.float().cpu().numpy()
+            maps = {m: out.heatmaps[m].float() for m in MAP_NAMES}
+            for j, im in enumerate(pil):
+                w, h = im.size
+                up = {m: F.interpolate(maps[m][j][None, None], size=(h, w), mode="bilinear", align_corners=False)
+                      [0, 0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32) for m in MAP_NAMES}
+                t = tagged[j]
+                bad = [wd for wd, f in zip(*parse_tagged(t)) if f] if t else []
+                results.append(ScoreResult(prompt=ps[j], scores={s: float(scores[j, k]) for k, s in enumerate(SCORE_NAMES)},
+                                           implausibility=up["implausibility"], misalignment=up["misalignment"],
+                                           tagged_prompt=t, misaligned_words=bad, size=(w, h)))
+        return results
+
+    @torch.no_grad()
+    def embed(self, images: Union[ImageLike, Sequence[ImageLike]], prompts: Union[str, Sequence[str]],
+              batch_size: int = 16, progress: bool = False) -> np.ndarray:
+        """(N, d) float32: the fused T5-encoder states (image tokens + prompt tokens) mean-pooled over
+        the attended positions. For the augmented-prompt variant, the mean over the task copies."""
+        if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            images = [images]
+        images = list(images)
+        prompts = _prompts_for(prompts, len(images))
+        chunks = []
+        from tqdm.auto import tqdm
+
+        for sl in tqdm(list(_batches(len(images), batch_size)), desc="embed", disable=not progress):
+            batch = self.prepare([to_pil(im) for im in images[sl]], prompts[sl])
+            with self._autocast():
+                hidden, mask, _ = self.model._encode(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                                     batch.get("task_ids"), batch.get("task_mask"))
+            m = mask.to(hidden.dtype).float()[..., None]
+            pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B', d)
+            B = sl.stop - sl.start
+            if pooled.shape[0] != B:  # augmented prompt: (T·B, d) → mean over tasks
+                pooled = pooled.view(-1, B, pooled.shape[-1]).mean(0)
+            chunks.append(pooled.cpu().numpy().astype(np.float32))
+        d = self.config.text.d_model
+        return np.concatenate(chunks, 0) if chunks else np.zeros((0, d), np.float32)
