@@ -479,21 +479,35 @@ TREES: dict[str, Tree] = {
 }
 
 
-def _stage1(F, attrs, idx, Fe, l2):
-    """Per-attribute logistic classifiers on features (fit rows ``idx``); eval-row probabilities."""
-    st = Standardizer.fit(F[idx])
-    Xi, Xe = st(F[idx]), st(Fe)
-    out = np.empty((Fe.shape[0], attrs.shape[1]))
-    for j in range(attrs.shape[1]):
-        w, b = fit_logistic(Xi, attrs[idx, j], l2=l2)
-        out[:, j] = expit(Xe @ w + b)
-    return out
+def _stage1(F, attrs, idx, Fe, l2, folds: int = 0, rng=None):
+    """Per-attribute logistic classifiers on features, fitted on rows ``idx``: logits of the eval
+    rows ``Fe`` and, if ``folds`` > 1, out-of-fold logits of the ``idx`` rows (else None)."""
+    def fit_predict(tr, X_out):
+        st = Standardizer.fit(F[tr])
+        Xi, Xo = st(F[tr]), st(X_out)
+        out = np.empty((X_out.shape[0], attrs.shape[1]))
+        for j in range(attrs.shape[1]):
+            w, b = fit_logistic(Xi, attrs[tr, j], l2=l2)
+            out[:, j] = Xo @ w + b
+        return out
+
+    ev = fit_predict(idx, Fe)
+    if folds <= 1:
+        return ev, None
+    oof = np.empty((idx.size, attrs.shape[1]))
+    parts = np.array_split((rng or np.random.default_rng(0)).permutation(idx.size), min(folds, idx.size))
+    for p in parts:
+        mask = np.ones(idx.size, bool)
+        mask[p] = False
+        oof[p] = fit_predict(idx[mask], F[idx[p]])
+    return ev, oof
 
 
 def controlled_experiment(feats_fit, attrs_fit: Mapping[str, np.ndarray], feats_eval,
                           attrs_eval: Mapping[str, np.ndarray], tree: Tree, budgets=DEFAULT_BUDGETS,
                           seeds: int = 5, l2_features: float = 1.0, l2_cbm: float = 1e-2, seed: int = 0,
-                          mismatched: Sequence[str] | None = None, extra: Sequence[str] | None = None) -> dict:
+                          mismatched: Sequence[str] | None = None, extra: Sequence[str] | None = None,
+                          training: str = "sequential", folds: int = 5) -> dict:
     """Seed 001's Experiment 2. The target ``t = tree(attributes)`` is exact. For each budget ``k``
     and draw: the coarse model is a logistic regression from features to ``t`` on ``k`` rows; each
     CBM trains one logistic classifier per attribute on the same ``k`` rows (stage 1) and an
@@ -503,6 +517,8 @@ def controlled_experiment(feats_fit, attrs_fit: Mapping[str, np.ndarray], feats_
     ``cbm-mismatched`` (``mismatched``, default: all attributes not in the tree).
     Returns the curve dict of :func:`learning_curve` plus ``"sets"`` and ``"positive_rate"``.
     """
+    if training not in ("sequential", "independent"):
+        raise ValueError(f"training must be 'sequential' or 'independent', got {training!r}")
     names = list(attrs_fit)
     F, Fe = np.asarray(feats_fit, np.float64), np.asarray(feats_eval, np.float64)
     Afit = np.stack([np.asarray(attrs_fit[n]) for n in names], 1).astype(np.float64)
@@ -526,10 +542,13 @@ def controlled_experiment(feats_fit, attrs_fit: Mapping[str, np.ndarray], feats_
             st = Standardizer.fit(F[idx])
             w, b = fit_logistic(st(F[idx]), t[idx], l2=l2_features)
             per["coarse"][k].append(roc_auc(st(Fe) @ w + b, te))
-            P = _stage1(F, Afit, idx, Fe, l2_features)  # every attribute once; variants pick columns
+            # stage 1: every attribute once; the variants pick columns
+            ev, oof = _stage1(F, Afit, idx, Fe, l2_features, folds if training == "sequential" else 0, rng)
+            P = expit(ev)
+            S = Afit[idx] if training == "independent" else expit(oof)
             for name, s in sets.items():
                 cols = [col[n] for n in s]
-                agg = fit_aggregator(Afit[idx][:, cols], t[idx], s, l2=l2_cbm)
+                agg = fit_aggregator(S[:, cols], t[idx], s, l2=l2_cbm)
                 per[name][k].append(roc_auc(agg.decision_function(P[:, cols]), te))
             agg = fit_aggregator(Afit[idx][:, [col[n] for n in right]], t[idx], right, l2=l2_cbm)
             per["oracle-attributes"][k].append(roc_auc(agg.decision_function(Aev[:, [col[n] for n in right]]), te))

@@ -14,7 +14,7 @@ from rahf.decoding import constrained_tag_flags, constrained_tagging
 from rahf.evaluation import evaluate, model_inputs
 
 PROMPTS = ["a yellow cat on a red mat", "Zebra!! qux foo_bar 42", "x", "the   blue, square; and: one?",
-           "supercalifragilistic wordsthatarenotinthevocabulary and_0 tags", ""]
+           "supercalifragilistic wordsthatarenotinthevocabulary x_1 tags", ""]
 
 
 @pytest.fixture(scope="module")
