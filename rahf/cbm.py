@@ -353,15 +353,16 @@ def plot_curves(curve: Mapping, path: str | Path, title: str = "", ylabel: str =
     ks = curve["budgets"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     colours = {"coarse": "black", "cbm": "tab:purple", "cbm-right": "tab:red", "cbm-extra": "tab:blue",
-               "cbm-mismatched": "tab:orange"}
+               "cbm-mismatched": "tab:orange", "oracle-attributes": "tab:grey"}
     for name, by_k in curve["curves"].items():
         xs = [k for k in ks if (by_k.get(k) or by_k.get(str(k)) or {}).get("n")]
         m = np.array([(by_k.get(k) or by_k.get(str(k)))["mean"] for k in xs])
         s = np.array([(by_k.get(k) or by_k.get(str(k)))["std"] for k in xs])
         c = colours.get(name)
-        ax.plot(xs, m, "o-", label=name, color=c)
+        ax.plot(xs, m, "o--" if name.startswith("oracle") else "o-", label=name, color=c)
         ax.fill_between(xs, m - s, m + s, alpha=0.15, color=c)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
     ax.set_xlabel("labelled examples (N)")
@@ -403,7 +404,7 @@ def read_table(path: str | Path) -> list[dict]:
 def image_features(image) -> np.ndarray:
     """Simple frozen image features (no learning): an 8x8 RGB thumbnail (192), HSV statistics,
     grain (mean |pixel - 3x3 box blur|, per channel), colourful-pixel fraction and a 12-bin hue
-    histogram of colourful pixels, dark-pixel fraction, gradient energy. float64, length 222."""
+    histogram of colourful pixels, dark-pixel fraction, gradient energy, mean colour. float64, length 228."""
     from PIL import Image
 
     im = image.convert("RGB")
@@ -468,14 +469,14 @@ class Tree:
 
 
 TREES: dict[str, Tree] = {
-    # image-only (seed 001's Experiment 2 is image-only): visible in the pixels
-    "image": Tree("image", ("artifact", "dull", "cluttered"),
-                  lambda a: int(not a["artifact"] and (not a["dull"] or not a["cluttered"])),
-                  "good = no artifact AND (bright background OR not cluttered)"),
+    # image-only, as seed 001's Experiment 2: every attribute is visible in the pixels
+    "image": Tree("image", ("dull", "artifact", "cluttered"),
+                  lambda a: int(not a["artifact"]) if a["dull"] else int(not a["cluttered"]),
+                  "dull background? yes -> good iff no artifact; no -> good iff not cluttered"),
     # the RAHF feedback dimensions; 'misaligned' needs the prompt: use with --checkpoint embeddings
     "feedback": Tree("feedback", ("artifact", "misaligned", "aesthetic"),
-                     lambda a: int(not a["artifact"] and (not a["misaligned"] or a["aesthetic"])),
-                     "good = no artifact AND (aligned OR aesthetic)"),
+                     lambda a: int(a["aesthetic"]) if a["artifact"] else int(not a["misaligned"]),
+                     "artifact? yes -> good iff aesthetic; no -> good iff aligned"),
 }
 
 
@@ -507,14 +508,17 @@ def controlled_experiment(feats_fit, attrs_fit: Mapping[str, np.ndarray], feats_
                           attrs_eval: Mapping[str, np.ndarray], tree: Tree, budgets=DEFAULT_BUDGETS,
                           seeds: int = 5, l2_features: float = 1.0, l2_cbm: float = 1e-2, seed: int = 0,
                           mismatched: Sequence[str] | None = None, extra: Sequence[str] | None = None,
-                          training: str = "sequential", folds: int = 5) -> dict:
+                          training: str = "independent", folds: int = 5) -> dict:
     """Seed 001's Experiment 2. The target ``t = tree(attributes)`` is exact. For each budget ``k``
     and draw: the coarse model is a logistic regression from features to ``t`` on ``k`` rows; each
     CBM trains one logistic classifier per attribute on the same ``k`` rows (stage 1) and an
     aggregator from the true attributes of those rows to ``t`` (stage 2, "independent" CBM
-    training); at test the aggregator reads stage 1's predicted probabilities. CBM variants:
-    ``cbm-right`` (the tree's 3 attributes), ``cbm-extra`` (those + ``extra``, default: all others),
-    ``cbm-mismatched`` (``mismatched``, default: all attributes not in the tree).
+    training; ``training="sequential"``: stage 2 on stage 1's out-of-fold probabilities of those
+    rows, ``folds``-fold); at test the aggregator reads stage 1's predicted probabilities. CBM
+    variants: ``cbm-right`` (the tree's 3 attributes), ``cbm-extra`` (those + ``extra``, default:
+    all others), ``cbm-mismatched`` (``mismatched``, default: all attributes not in the tree).
+    ``oracle-attributes``: the right-attribute aggregator on the *true* eval attributes (the
+    ceiling of a linear aggregator; below 1 when the tree is not linearly separable).
     Returns the curve dict of :func:`learning_curve` plus ``"sets"`` and ``"positive_rate"``.
     """
     if training not in ("sequential", "independent"):

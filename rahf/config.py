@@ -149,6 +149,23 @@ class RAHFConfig:
         return dataclasses.replace(self, **kw)
 
 
+# Named head styles (overrides of ``heatmap_head``/``score_head``), absolute in channels; the output
+# size of every style is patch grid × 16. "repro" is the public reproduction's heads (SPEC §2);
+# "light" predicts the heatmap at 1/4 size with few channels where the map is large, then upsamples
+# the logits bilinearly ×4 (the annotated maps are soft disks of radius ~1/20 of the image), and
+# narrows the score heads' convs. "light_heatmap": the light heatmap head with the reproduction's score heads.
+_REPRO_HEATMAP = {"stem_channels": (768, 384), "up_channels": (768, 384, 384, 192), "final_channels": 192,
+                  "upsample": 1, "residual": True}
+_LIGHT_HEATMAP = {"stem_channels": (384,), "up_channels": (256, 128), "final_channels": 64, "upsample": 4,
+                  "residual": True}
+_REPRO_SCORE = {"channels": (), "mlp": (512, 128)}
+_LIGHT_SCORE = {"channels": (256, 64, 16), "mlp": (512, 128)}
+HEAD_STYLES: dict[str, dict] = {
+    "repro": {"heatmap_head": _REPRO_HEATMAP, "score_head": _REPRO_SCORE},
+    "light": {"heatmap_head": _LIGHT_HEATMAP, "score_head": _LIGHT_SCORE},
+    "light_heatmap": {"heatmap_head": _LIGHT_HEATMAP, "score_head": _REPRO_SCORE},
+}
+
 PRESETS: dict[str, dict] = {
     # The tests' and the CPU main job's model: 128 px images, 8×8 patches, a 2+2 layer T5 of width 128.
     "tiny": {

@@ -9,6 +9,30 @@ from torch import nn
 from .config import HeatmapHeadConfig, ScoreHeadConfig
 
 
+class _RMSNormLastDim(torch.autograd.Function):
+    """RMS norm over the last dimension of a contiguous (..., C) tensor, with a hand-written backward:
+    it saves only the input and the per-row 1/rms (autograd through the composite saves several
+    full-size intermediates) and makes fewer passes over memory (the heads are memory-bound on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        c = x.shape[-1]
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(c).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x * rstd  # (..., C)
+        gw = g * weight
+        dw = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        # dx = rstd * (gw - xhat * mean_c(gw * xhat))
+        dot = (gw * xhat).mean(-1, keepdim=True)
+        dx = gw.sub_(xhat.mul_(dot)).mul_(rstd)
+        return dx, dw, None
+
+
 class ChannelRMSNorm(nn.Module):
     """T5-style RMS norm over the channel dimension of a (B, C, H, W) map (no mean subtraction)."""
 
@@ -18,6 +42,11 @@ class ChannelRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # channels-last: the channels are the innermost dimension, so the fused rms_norm kernel
+            # normalises a contiguous (B, H, W, C) view (one pass, fewer saved intermediates)
+            y = _RMSNormLastDim.apply(x.permute(0, 2, 3, 1).float(), self.weight.float(), self.eps)
+            return y.to(x.dtype).permute(0, 3, 1, 2)
         var = x.float().pow(2).mean(dim=1, keepdim=True)
         x = (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
         return x * self.weight.view(1, -1, 1, 1).to(x.dtype)
@@ -78,8 +107,11 @@ class HeatmapHead(nn.Module):
         self.out = nn.Sequential(nn.Conv2d(c, cfg.final_channels, 3, padding=1), nn.ReLU(inplace=True),
                                  nn.Conv2d(cfg.final_channels, 1, 3, padding=1))
         self.upsample = cfg.upsample
+        self.channels_last = True  # run the convs on NHWC activations (weights keep their layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.out(self.up(self.stem(x)))  # (B, 1, H', W')
         if self.upsample > 1:
             x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
@@ -103,7 +135,10 @@ class ScoreHead(nn.Module):
             d = m
         mlp.append(nn.Linear(d, 1))
         self.mlp = nn.Sequential(*mlp)
+        self.channels_last = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.convs(x).flatten(1)  # (B, c·h·w)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.convs(x).contiguous().flatten(1)  # (B, c·h·w), NCHW order whatever the memory format
         return torch.sigmoid(self.mlp(x).float()).squeeze(1)  # (B,)

@@ -166,6 +166,12 @@ class RAHF(nn.Module):
                 n += p.numel()
         return n
 
+    def set_channels_last(self, enable: bool = True) -> None:
+        """Run the heads' convs on channels-last (NHWC) activations (the default); weights keep their layout."""
+        for mod in self.modules():
+            if isinstance(mod, (HeatmapHead, ScoreHead)):
+                mod.channels_last = enable
+
     def set_gradient_checkpointing(self, enable: bool = True) -> None:
         self.vision.set_grad_checkpointing(enable)
         if enable:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import MAP_NAMES, SCORE_NAMES
-from .data.format import TAG, parse_tagged
+from .data.format import parse_tagged
 
 MAP_CMAPS = {"implausibility": "jet", "misalignment": "jet", "mask": "Reds"}
 HIGHLIGHT = (220, 30, 30)
@@ -303,8 +303,11 @@ def write_eval_report(model, ds, metrics: Mapping[str, float], out_dir, max_exam
     small_maps: dict[int, dict[str, np.ndarray]] = {}
     with torch.no_grad():
         for s in range(0, len(idx), batch_size):
-            ids = idx[s:s + batch_size]
-            batch = collate([ds[i] for i in ids])
+            items = [it for it in (ds[i] for i in idx[s:s + batch_size]) if not it.get("bad")]  # skipped records
+            if not items:
+                continue
+            ids = [it["index"] for it in items]
+            batch = collate(items)
             inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k != "labels"}
             o = model(**inputs)
             pred_s.append(o.scores.float().cpu().numpy())
@@ -330,6 +333,7 @@ def write_eval_report(model, ds, metrics: Mapping[str, float], out_dir, max_exam
     parts.append(_metrics_table(metrics))
     parts.append(f'<h2>Predicted vs true scores</h2><img src="{data_uri(_scatter_png(pred_a, true_a, metrics))}" '
                  f'alt="score scatter plots" style="max-width:100%">')
+    idx = list(small_maps)  # the examples actually scored, in order
     cc_arr = np.asarray(ccs, dtype=np.float64)
     valid = [k for k in range(len(idx)) if np.isfinite(cc_arr[k])]
     order = sorted(valid, key=lambda k: -cc_arr[k])

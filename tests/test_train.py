@@ -21,7 +21,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNB
 
 def small(data_root, out, name, *extra):
     return [f"data.root={data_root}", f"run.output_dir={out}", f"run.name={name}", "tracking.tracker=none",
-            "data.num_workers=0", "train.batch_size=8", "eval.batch_size=16", "optim.warmup_steps=2", *extra]
+            "data.num_workers=0", "train.batch_size=8", "eval.batch_size=16", "optim.warmup_steps=2",
+            *SHRINK, *extra]
+
+
+# the tiny preset, shrunk further so that multi-process and resume runs stay fast on 2 cores
+SHRINK = ["model.vision.depth=1", "model.text.num_layers=1", "model.text.num_decoder_layers=1", "train.threads=1"]
 
 
 def weights_digest(path: Path) -> str:

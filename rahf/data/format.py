@@ -20,6 +20,22 @@ A manifest line::
 Paths are relative to the split directory. ``prompt`` is the clean words joined by single spaces
 (see :func:`split_words`); ``tagged_prompt`` has ``_0`` appended to each misaligned word.
 All four scores are in [0, 1], higher is better.
+
+What a record must satisfy (checked when a split is opened: the manifest fields; when a record is
+loaded: the files). A violation raises :class:`DataError` naming the record and the problem, or,
+with ``on_bad_record="skip"``, drops the record and lists it (``RAHFDatasetSplit.bad`` for
+manifest-level problems; the torch dataset's skip markers for file-level ones):
+
+* the line is UTF-8 JSON object with every field; uid non-empty and unique in the split;
+* prompt non-empty and at most :data:`MAX_PROMPT_CHARS` characters; tagged_prompt's words = prompt's;
+* four finite scores in [0, 1];
+* the image decodes, is at least :data:`MIN_IMAGE_SIDE` px on each side and at most
+  ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (bigger: a "decompression bomb", refused before decoding).
+  Any mode PIL can convert is accepted and converted to RGB (RGBA: alpha dropped; CMYK, grayscale,
+  palette: converted);
+* both heatmaps decode, are 2-D single-channel 8-bit ('L') images of the same size, and, when
+  ``dataset.json`` declares an integer ``heatmap_size``, are that size. (The model's own heatmap size
+  only decides how maps are resized for training; any map size is fine for that.)
 """
 
 from __future__ import annotations
@@ -43,6 +59,9 @@ FORMAT_NAME = "rahf-dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.jsonl"
 TAG = "_0"
+MAX_PROMPT_CHARS = 2048  # longer prompts are bad records (the text encoder truncates far earlier)
+MIN_IMAGE_SIDE = 8  # smaller images are bad records
+BAD_RECORD_POLICIES = ("error", "skip")
 
 # SPEC §1: split the caption on any of , . ? ! " : ; and whitespace, dropping empty strings.
 _WORD_SPLIT = re.compile(r'[,.?!":;\s]+')
@@ -51,7 +70,11 @@ _WORD_SPLIT = re.compile(r'[,.?!":;\s]+')
 class DataError(ValueError):
     """A problem with one record (or one file) of a dataset. The message names the record."""
 
-    def __init__(self, uid: str | None, problem: str, where: str | None = None):
+    def __init__(self, uid: str | None, problem: str | None = None, where: str | None = None):
+        if problem is None:  # DataError(message): how torch's DataLoader re-raises a worker's exception
+            self.uid, self.problem, self.where = None, str(uid), None
+            super().__init__(str(uid))
+            return
         self.uid = uid
         self.problem = problem
         self.where = where
@@ -103,10 +126,11 @@ def load_map(path: str | os.PathLike, uid: str | None = None) -> np.ndarray:
     """Read an 8-bit grayscale PNG heatmap as float32 (H, W) in [0, 1]. Errors name the record."""
     try:
         with Image.open(path) as im:
+            if im.mode != "L":
+                raise DataError(uid, f"heatmap {Path(path).name} has mode {im.mode!r}; expected 2-D single-channel "
+                                     f"8-bit grayscale 'L'")
             im.load()
-            if im.mode not in ("L", "1"):
-                raise DataError(uid, f"heatmap {Path(path).name} has mode {im.mode!r}; expected 8-bit grayscale 'L'")
-            arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            arr = np.asarray(im, dtype=np.float32) / 255.0
     except DataError:
         raise
     except FileNotFoundError:
@@ -116,12 +140,23 @@ def load_map(path: str | os.PathLike, uid: str | None = None) -> np.ndarray:
     return arr
 
 
-def load_image(path: str | os.PathLike, uid: str | None = None) -> Image.Image:
-    """Open an image file as PIL RGB, fully decoded. Errors name the record."""
+def load_image(path: str | os.PathLike, uid: str | None = None, min_side: int = 0) -> Image.Image:
+    """Open an image file as PIL RGB, fully decoded. Errors name the record.
+
+    Any mode is converted to RGB (RGBA/LA: alpha dropped). Images over ``PIL.Image.MAX_IMAGE_PIXELS``
+    pixels are refused from their header, before decoding; ``min_side``: smaller images are errors."""
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                raise DataError(uid, f"image {Path(path).name} is a decompression bomb: it declares {w}×{h} = "
+                                     f"{w * h:,} pixels, over the limit of {Image.MAX_IMAGE_PIXELS:,}")
+            if min(w, h) < min_side:
+                raise DataError(uid, f"image {Path(path).name} is {w}×{h}, smaller than {min_side}×{min_side}")
             im.load()
             return im.convert("RGB")
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(uid, f"image file missing: {path}") from None
     except Image.DecompressionBombError as e:
@@ -166,6 +201,9 @@ def check_entry(entry: Mapping, where: str = "manifest") -> None:
             raise DataError(uid, f"field {key!r} must be a string", where)
     if not entry["prompt"].strip():
         raise DataError(uid, "empty prompt", where)
+    if len(entry["prompt"]) > MAX_PROMPT_CHARS:
+        raise DataError(uid, f"prompt has {len(entry['prompt']):,} characters, more than the limit of "
+                             f"{MAX_PROMPT_CHARS:,}", where)
     words, _ = parse_tagged(entry["tagged_prompt"])
     if words != entry["prompt"].split():
         raise DataError(uid, "tagged_prompt words do not match prompt words", where)
@@ -182,8 +220,9 @@ def check_entry(entry: Mapping, where: str = "manifest") -> None:
             raise DataError(uid, f"score {name!r} = {v} is outside [0, 1]", where)
 
 
-def read_manifest(split_dir: str | os.PathLike) -> list[dict]:
-    """Parse ``manifest.jsonl``. A bad line raises :class:`DataError` naming the file and line."""
+def read_manifest(split_dir: str | os.PathLike, bad: list | None = None) -> list[dict]:
+    """Parse ``manifest.jsonl``. A bad line raises :class:`DataError` naming the file and line, or, if
+    ``bad`` is a list, is appended to it as a :class:`DataError` and left out."""
     path = Path(split_dir) / MANIFEST
     if not path.is_file():
         raise DataError(None, "manifest.jsonl not found", str(path))
@@ -194,13 +233,21 @@ def read_manifest(split_dir: str | os.PathLike) -> list[dict]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(None, f"line is not valid UTF-8 ({e})", where) from None
+                err = DataError(None, f"line is not valid UTF-8 ({e.reason} at byte {e.start})", where)
+                if bad is None:
+                    raise err from None
+                bad.append(err)
+                continue
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(None, f"line is not valid JSON ({e.msg})", where) from None
+                err = DataError(None, f"line is not valid JSON ({e.msg}, column {e.colno})", where)
+                if bad is None:
+                    raise err from None
+                bad.append(err)
+                continue
             if isinstance(entry, dict):
                 entry["_line"] = lineno
             entries.append(entry)
@@ -208,22 +255,50 @@ def read_manifest(split_dir: str | os.PathLike) -> list[dict]:
 
 
 class RAHFDatasetSplit(Sequence):
-    """A split of a dataset on disk; ``ds[i]`` loads and returns an :class:`Example`."""
+    """A split of a dataset on disk; ``ds[i]`` loads and returns an :class:`Example`.
 
-    def __init__(self, root: str | os.PathLike, split: str, check: bool = True):
+    ``on_bad_record="error"``: the first bad manifest line raises :class:`DataError` (naming the file,
+    line and problem). ``"skip"``: bad lines (not UTF-8, not JSON, failing :func:`check_entry`, a
+    repeated uid: the later line) are left out and listed in ``self.bad`` (DataErrors); ``self.total``
+    counts every record line, kept or not. Loading a record (``ds[i]``) raises DataError on bad files
+    either way; :class:`rahf.data.torch_data.RAHFTorchDataset` turns that into a skip marker."""
+
+    def __init__(self, root: str | os.PathLike, split: str, check: bool = True, on_bad_record: str = "error"):
+        if on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
         self.root = Path(root)
         self.split = split
         self.dir = self.root / split
+        self.on_bad_record = on_bad_record
         if not self.dir.is_dir():
             raise FileNotFoundError(f"no split {split!r} under {self.root} (expected directory {self.dir})")
-        self.entries = read_manifest(self.dir)
+        skip = on_bad_record == "skip"
+        self.bad: list[DataError] = []
+        self.entries = read_manifest(self.dir, self.bad if skip else None)
         if check:
-            seen: set[str] = set()
+            seen: dict[str, object] = {}
+            kept = []
             for e in self.entries:
-                check_entry(e, f"{self.dir / MANIFEST}:{e.get('_line', '?') if isinstance(e, dict) else '?'}")
-                if e["uid"] in seen:
-                    raise DataError(e["uid"], "duplicate uid", str(self.dir / MANIFEST))
-                seen.add(e["uid"])
+                line = e.get("_line", "?") if isinstance(e, dict) else "?"
+                where = f"{self.dir / MANIFEST}:{line}"
+                try:
+                    check_entry(e, where)
+                    if e["uid"] in seen:
+                        raise DataError(e["uid"], f"duplicate uid (first on line {seen[e['uid']]})", where)
+                except DataError as err:
+                    if not skip:
+                        raise
+                    self.bad.append(err)
+                    continue
+                seen[e["uid"]] = line
+                kept.append(e)
+            self.entries = kept
+        self.total = len(self.entries) + len(self.bad)
+        try:
+            hs = read_dataset_info(self.root).get("heatmap_size")
+        except (OSError, ValueError, AttributeError):  # an unreadable dataset.json declares nothing
+            hs = None
+        self.heatmap_size = hs if isinstance(hs, int) and not isinstance(hs, bool) else None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -240,14 +315,28 @@ class RAHFDatasetSplit(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         e = self.entries[i]
         uid = e["uid"]
+        paths = {}
+        for key in ("image", "implausibility_map", "misalignment_map"):
+            rel = Path(e[key])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise DataError(uid, f"path {e[key]!r} leaves the split directory")
+            paths[key] = self.dir / rel
+        amap = load_map(paths["implausibility_map"], uid)
+        mmap = load_map(paths["misalignment_map"], uid)
+        if amap.shape != mmap.shape:
+            raise DataError(uid, f"heatmaps differ in size: implausibility {amap.shape[1]}×{amap.shape[0]}, "
+                                 f"misalignment {mmap.shape[1]}×{mmap.shape[0]}")
+        if self.heatmap_size is not None and amap.shape != (self.heatmap_size, self.heatmap_size):
+            raise DataError(uid, f"heatmaps are {amap.shape[1]}×{amap.shape[0]}; dataset.json declares "
+                                 f"heatmap_size {self.heatmap_size}")
         return Example(
             uid=uid,
             prompt=e["prompt"],
             tagged_prompt=e["tagged_prompt"],
             scores={k: float(e["scores"][k]) for k in SCORE_NAMES},
-            image=load_image(self.dir / e["image"], uid),
-            implausibility_map=load_map(self.dir / e["implausibility_map"], uid),
-            misalignment_map=load_map(self.dir / e["misalignment_map"], uid),
+            image=load_image(paths["image"], uid, min_side=MIN_IMAGE_SIDE),
+            implausibility_map=amap,
+            misalignment_map=mmap,
         )
 
     def __iter__(self) -> Iterator[Example]:
@@ -255,9 +344,11 @@ class RAHFDatasetSplit(Sequence):
             yield self[i]
 
 
-def open_dataset(root: str | os.PathLike, split: str = "train", check: bool = True) -> RAHFDatasetSplit:
-    """Open one split of a dataset in the package's format (see module docstring)."""
-    return RAHFDatasetSplit(root, split, check=check)
+def open_dataset(root: str | os.PathLike, split: str = "train", check: bool = True,
+                 on_bad_record: str = "error") -> RAHFDatasetSplit:
+    """Open one split of a dataset in the package's format (see module docstring and
+    :class:`RAHFDatasetSplit` for ``on_bad_record``)."""
+    return RAHFDatasetSplit(root, split, check=check, on_bad_record=on_bad_record)
 
 
 def read_dataset_info(root: str | os.PathLike) -> dict:

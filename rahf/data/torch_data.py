@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .format import MAP_NAMES, SCORE_NAMES, Example
+from .format import BAD_RECORD_POLICIES, MAP_NAMES, SCORE_NAMES, DataError, Example
 
 
 def resize_map(m: np.ndarray, size: int) -> torch.Tensor:
@@ -35,13 +35,22 @@ def image_to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Seq
 
 class RAHFTorchDataset(torch.utils.data.Dataset):
     """Wraps a split (``open_dataset``) for a model: image (3, S, S) normalised, maps (h, h) in [0, 1],
-    scores (4,), and the prompt strings (tokenized later, once per batch, by :class:`RAHFCollator`)."""
+    scores (4,), and the prompt strings (tokenized later, once per batch, by :class:`RAHFCollator`).
 
-    def __init__(self, split, image_size: int, heatmap_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    ``on_bad_record`` (default: the split's own): ``"error"`` lets a record's :class:`DataError` (bad or
+    missing file) propagate; ``"skip"`` returns a marker ``{"bad": True, "index", "uid", "problem"}``
+    instead, which :class:`RAHFCollator` drops from the batch and lists in ``batch["bad_records"]``
+    (so it survives DataLoader workers and reaches the training loop, which counts it)."""
+
+    def __init__(self, split, image_size: int, heatmap_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 on_bad_record: Optional[str] = None):
         self.split = split
         self.image_size = image_size
         self.heatmap_size = heatmap_size
         self.mean, self.std = tuple(mean), tuple(std)
+        self.on_bad_record = on_bad_record or getattr(split, "on_bad_record", "error")
+        if self.on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {self.on_bad_record!r}")
 
     def __len__(self) -> int:
         return len(self.split)
@@ -58,7 +67,16 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
         }
 
     def __getitem__(self, i: int) -> dict:
-        return self.prepare(self.split[i], i)
+        try:
+            return self.prepare(self.split[i], i)
+        except DataError as e:
+            if self.on_bad_record != "skip":
+                raise
+            uid = e.uid
+            if uid is None:
+                entries = getattr(self.split, "entries", None)
+                uid = entries[i].get("uid") if entries is not None else None
+            return {"bad": True, "index": i, "uid": uid, "problem": e.problem}
 
 
 class RAHFCollator:
@@ -95,8 +113,17 @@ class RAHFCollator:
         return out
 
     def __call__(self, items: list[dict]) -> dict:
+        """A batch of the good items. Skip markers (see :class:`RAHFTorchDataset`) are dropped and listed
+        in ``batch["bad_records"]`` as ``{"index", "uid", "problem"}``; if every item is a marker, the
+        batch is ``{"uids": [], "bad_records": [...], "empty": True}`` (no tensors)."""
+        bad = [{"index": it["index"], "uid": it["uid"], "problem": it["problem"]} for it in items if it.get("bad")]
+        if bad:
+            items = [it for it in items if not it.get("bad")]
+            if not items:
+                return {"uids": [], "bad_records": bad, "empty": True}
         batch = {k: torch.stack([it[k] for it in items]) for k in
                  ("pixel_values", "scores") + tuple(f"{m}_map" for m in MAP_NAMES)}
+        batch["bad_records"] = bad
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         batch["uids"] = [it["uid"] for it in items]
         batch["prompts"] = [it["prompt"] for it in items]

@@ -13,6 +13,9 @@ A checkpoint directory ``checkpoints/step_000123/`` holds:
 
 Writes go to ``.tmp-step_000123/`` first and are renamed into place, so a kill at any point leaves
 either the previous checkpoints or a complete new one; ``--resume latest`` ignores anything else.
+
+Testing hook: :func:`fault` (environment variable ``RAHF_FAULT``, see there) kills the process or
+corrupts a value at a named point, so that tests can reproduce kills and numerical faults.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,6 +38,55 @@ from safetensors.torch import load_model, save_model
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "checkpoint.json"
+
+
+# ----------------------------------------------------------------------------- fault injection (tests only)
+FAULT_ENV = "RAHF_FAULT"
+KILL_POINTS = {
+    "mid_step": "after step N's backward pass, before its optimizer update",
+    "mid_eval": "during the evaluation at step N, after its first batch",
+    "checkpoint_write": "while step N's checkpoint is half written (weights and optimizer, no manifest)",
+    "checkpoint_publish": "right after step N's checkpoint is renamed into place, before older ones are pruned",
+}
+FLAG_POINTS = {
+    "nan_loss": "step N's loss becomes NaN",
+    "nan_grad": "a gradient of step N becomes NaN (before the gradient-norm check)",
+    "stall": "after step N the loop waits (up to 120 s) for SIGTERM/SIGINT",
+}
+_fired: set = set()
+
+
+def parse_faults(spec: Optional[str]) -> list[tuple[str, int]]:
+    """``"checkpoint_write@4,nan_loss@3"`` → ``[("checkpoint_write", 4), ("nan_loss", 3)]``; a bad item
+    raises ValueError."""
+    out = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, at = item.partition("@")
+        if name not in KILL_POINTS and name not in FLAG_POINTS:
+            raise ValueError(f"{FAULT_ENV}: unknown fault point {name!r}; "
+                             f"choose from {sorted(KILL_POINTS) + sorted(FLAG_POINTS)}")
+        if not at.strip().isdigit():
+            raise ValueError(f"{FAULT_ENV}: {item!r} must look like POINT@STEP, e.g. mid_step@3")
+        out.append((name, int(at)))
+    return out
+
+
+def fault(point: str, step: int) -> bool:
+    """Testing hook. If ``$RAHF_FAULT`` names ``point@step`` (comma-separated list), a kill point sends
+    this process SIGKILL; a flag point returns True (once per process). Unset: returns False at once."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return False
+    if (point, step) in parse_faults(spec) and (point, step) not in _fired:
+        _fired.add((point, step))
+        if point in KILL_POINTS:
+            print(f"{FAULT_ENV}: killing process {os.getpid()} at {point}@{step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return True
+    return False
 
 
 def _write_json(path: Path, data) -> None:
@@ -88,6 +142,17 @@ def _strip_tolerant(cfg: dict) -> dict:
             node = node.get(k, {})
         node.pop(path[-1], None)
     return cfg
+
+
+def _load_tensors(path: Path):
+    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only; anything else
+    (a pickled class or function) is refused before it is constructed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} holds something other than tensors and plain data; refusing to load it "
+                         f"(torch.load with weights_only=True): {first}") from e
 
 
 class CheckpointManager:
@@ -150,6 +215,7 @@ class CheckpointManager:
             _write_json(tmp / "scheduler.json", sched.state_dict() if sched is not None else {})
             _write_json(tmp / "trainer_state.json", state)
             _write_json(tmp / "config.json", config)
+            fault("checkpoint_write", step)
         # every process saves its own RNG states
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -172,6 +238,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.dir)
+            fault("checkpoint_publish", step)
             self._prune()
         accelerator.wait_for_everyone()
         return final
@@ -197,14 +264,14 @@ class CheckpointManager:
         model = accelerator.unwrap_model(accelerator._models[0])
         load_model(model, str(path / "model.safetensors"), strict=True, device=str(accelerator.device))
         optimizer = accelerator._optimizers[0]
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        opt_state = _load_tensors(path / "optimizer.pt")
         (optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).load_state_dict(opt_state)
         if accelerator._custom_objects:
             accelerator._custom_objects[0].load_state_dict(json.loads((path / "scheduler.json").read_text()))
         rank = accelerator.process_index
         rng_file = path / f"rng_{rank}.pt"
         if rng_file.is_file():
-            rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+            rng = _load_tensors(rng_file)
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -50,6 +51,7 @@ class OptimConfig:
 @dataclass
 class TrainLoopConfig:
     batch_size: int = 32  # per process
+    global_batch_size: Optional[int] = None  # set: batch_size = this / (processes × grad_accum), must divide
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -134,6 +136,22 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {v}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    for name, v in (("eval.every", cfg.eval.every), ("checkpoint.every", cfg.checkpoint.every),
+                    ("optim.warmup_steps", cfg.optim.warmup_steps), ("optim.grad_clip", cfg.optim.grad_clip),
+                    ("data.num_workers", cfg.data.num_workers), ("train.threads", t.threads),
+                    ("train.stop_after_steps", t.stop_after_steps)):
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0, got {v}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if t.global_batch_size is not None:
+        # accelerate launch / torchrun set WORLD_SIZE; the trainer checks again with the real count
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        per = world * t.grad_accum
+        if t.global_batch_size < 1 or t.global_batch_size % per:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by num_processes "
+                              f"({world}) × train.grad_accum ({t.grad_accum}) = {per}")
+        t.batch_size = t.global_batch_size // per
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("data.max_bad_fraction must be in [0, 1]")
     if cfg.eval.decode not in (None, "free", "constrained"):

@@ -3,6 +3,15 @@
 Order of start-up (fixed): config → run directory → data (generated if the default synth set is
 absent) → model (``run.init_from`` weights, else pretrained encoders if configured, else random) →
 freezing (before wrapping) → optimizer/scheduler → ``accelerator.prepare`` → ``--resume``.
+
+Run directory: ``config.yaml``, ``run_info.json``, ``metrics.jsonl`` (train/eval logs),
+``steps.jsonl`` (one line per optimizer step: step, epoch, the uids of its batches; on resume, lines
+after the checkpoint's step are dropped, since those steps are run again), ``bad_records.jsonl``
+(``data.on_bad_record=skip``: every skipped record once, with its problem), ``checkpoints/``,
+``best/``, ``export/``, ``result.json``.
+
+Testing hook: ``RAHF_FAULT=POINT@STEP`` (see :func:`rahf.training.checkpoint.fault`) kills the process
+or injects a NaN at a named point; unset, it costs nothing.
 """
 
 from __future__ import annotations
@@ -25,14 +34,14 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..configtools import ConfigError, dump_yaml, to_dict
-from ..data.format import open_dataset, read_dataset_info
+from ..data.format import DataError, open_dataset, read_dataset_info
 from ..data.torch_data import RAHFCollator, RAHFTorchDataset
 from ..evaluation import evaluate, model_inputs
 from ..loss import RAHFLoss
 from ..metrics import format_tables
 from ..model import RAHF
 from .config import TrainConfig, default_config_path, resolve_config
-from .checkpoint import CheckpointManager, atomic_save_pretrained
+from .checkpoint import FAULT_ENV, CheckpointManager, atomic_save_pretrained, fault, parse_faults
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -146,6 +155,86 @@ class StopRequest:
             signal.signal(s, h)
 
 
+class BadRecords:
+    """Records skipped under ``data.on_bad_record=skip``: each is appended once to ``path``
+    (``RUN/bad_records.jsonl``: split, uid, where, problem, stage ``manifest``/``load``, step, epoch) when
+    first met, counted per split (a record met again in a later epoch counts once), and checked against
+    ``data.max_bad_fraction`` of the split's records."""
+
+    def __init__(self, path: Path, max_fraction: float, write: bool, keep_existing: bool):
+        self.path, self.max_fraction, self.write = Path(path), max_fraction, write
+        self.known: dict[str, dict[str, str]] = {}  # split -> key -> problem
+        self.totals: dict[str, int] = {}
+        self.epoch_seen: dict[str, dict[str, str]] = {}  # met during the current epoch (listed at its end)
+        if write and not keep_existing and self.path.exists():
+            self.path.unlink()
+        if keep_existing and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    r = json.loads(line)
+                    self.known.setdefault(r["split"], {})[self._key(r)] = r["problem"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def _key(r: dict) -> str:
+        return str(r.get("where") or r.get("uid"))
+
+    def add(self, split: str, records: list[dict], stage: str, step: int, epoch: int) -> list[dict]:
+        known = self.known.setdefault(split, {})
+        seen = self.epoch_seen.setdefault(split, {})
+        new = []
+        for r in records:
+            k = self._key(r)
+            seen[k] = f"{r.get('uid') or r.get('where')}: {r['problem']}"
+            if k in known:
+                continue
+            known[k] = r["problem"]
+            new.append({"split": split, "uid": r.get("uid"), "where": r.get("where"), "problem": r["problem"],
+                        "stage": stage, "step": step, "epoch": epoch})
+        if new and self.write:
+            with open(self.path, "a", encoding="utf-8") as f:
+                for r in new:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        return new
+
+    def count(self, split: str) -> int:
+        return len(self.known.get(split, {}))
+
+    def check(self, split: str) -> None:
+        n, total = self.count(split), self.totals.get(split, 0)
+        if total and n > self.max_fraction * total:
+            raise DataError(None, f"{n} of {total} records are bad ({n / total:.1%}), more than "
+                                  f"data.max_bad_fraction={self.max_fraction:g} allows; they are listed in {self.path}. "
+                                  f"Fix the data (`rahf data validate` lists every problem) or raise the limit",
+                            f"split {split!r}")
+
+    def take_epoch(self, split: str) -> dict[str, str]:
+        return self.epoch_seen.pop(split, {})
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return {s: {"bad": self.count(s), "total": self.totals.get(s, 0)} for s in sorted(self.known) if self.count(s)}
+
+
+class SkipEmpty:
+    """Iterates an evaluation loader: collects the batches' ``bad_records``, passes on only batches
+    that hold examples, and calls ``after_first`` once the first batch has been consumed."""
+
+    def __init__(self, loader, after_first=None):
+        self.loader, self.after_first, self.bad = loader, after_first, []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            self.bad.extend(batch.get("bad_records") or [])
+            if batch["uids"]:
+                yield batch
+            if i == 0 and self.after_first is not None:
+                self.after_first()
+
+
 # ----------------------------------------------------------------------------- the job
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: Optional[str] = None, force: bool = False):
@@ -161,6 +250,17 @@ class Trainer:
             project_dir=None,
         )
         acc = self.accelerator
+        t = cfg.train
+        if t.global_batch_size is not None:  # the config was resolved before the processes were known
+            per = acc.num_processes * t.grad_accum
+            if t.global_batch_size % per:
+                raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by num_processes "
+                                  f"({acc.num_processes}) × train.grad_accum ({t.grad_accum}) = {per}")
+            t.batch_size = t.global_batch_size // per
+        try:
+            parse_faults(os.environ.get(FAULT_ENV))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         set_threads(cfg, acc)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -199,11 +299,13 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         self.collate = RAHFCollator.for_model(model)
-        v = cfg.model.vision
-        mk = lambda split: RAHFTorchDataset(open_dataset(cfg.data.root, split), v.img_size, cfg.model.heatmap_size,
-                                            v.mean, v.std)
-        self.train_ds = mk(cfg.data.train_split)
-        self.eval_ds = mk(cfg.data.eval_split) if (Path(cfg.data.root) / cfg.data.eval_split).is_dir() else None
+        self.bad = BadRecords(self.run_dir / "bad_records.jsonl", cfg.data.max_bad_fraction, acc.is_main_process,
+                              keep_existing=bool(self.resume))
+        self._pending_bad: list[dict] = []
+        self._step_uids: list[str] = []
+        self.train_ds = self.open_split(cfg.data.train_split)
+        self.eval_ds = (self.open_split(cfg.data.eval_split) if (Path(cfg.data.root) / cfg.data.eval_split).is_dir()
+                        else None)
         self.sampler = EpochSampler(len(self.train_ds), cfg.train.seed)
         train_loader = make_loader(self.train_ds, self.collate, cfg.train.batch_size, cfg, sampler=self.sampler)
         eval_loader = (make_loader(self.eval_ds, self.collate, cfg.eval.batch_size, cfg)
@@ -224,6 +326,90 @@ class Trainer:
                   f"{len(self.train_ds)} training examples, {acc.num_processes} process(es) on {acc.device}; "
                   f"run directory {self.run_dir}")
 
+    def open_split(self, split: str) -> RAHFTorchDataset:
+        """A split as a torch dataset; manifest-level bad records are listed (skip) or raised (error)."""
+        cfg, v = self.cfg, self.cfg.model.vision
+        ds = open_dataset(cfg.data.root, split, on_bad_record=cfg.data.on_bad_record)
+        self.bad.totals[split] = ds.total
+        if ds.bad:
+            recs = [{"uid": e.uid, "where": e.where, "problem": e.problem} for e in ds.bad]
+            self.bad.add(split, recs, "manifest", 0, 0)
+            self.bad.take_epoch(split)
+            self.accelerator.print(f"{split}: skipping {len(ds.bad)} of {ds.total} manifest record(s) "
+                                   f"(data.on_bad_record=skip), listed in {self.bad.path}:")
+            for e in ds.bad[:20]:
+                self.accelerator.print(f"  {e}")
+            if len(ds.bad) > 20:
+                self.accelerator.print(f"  ... and {len(ds.bad) - 20} more")
+            self.bad.check(split)
+        return RAHFTorchDataset(ds, v.img_size, cfg.model.heatmap_size, v.mean, v.std)
+
+    def record_bad(self, split: str, records: list[dict]) -> None:
+        """Count records skipped while loading (all processes' records; collective when several)."""
+        if self.cfg.data.on_bad_record != "skip":
+            return
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            records = [r for part in gather_object([records]) for r in part]
+        if records:
+            self.bad.add(split, records, "load", self.step, self.epoch)
+            self.bad.check(split)
+
+    def end_epoch_report(self, split: str) -> None:
+        seen = self.bad.take_epoch(split)
+        if not seen:
+            return
+        self.accelerator.print(f"epoch {self.epoch}: skipped {len(seen)} bad record(s) of split {split!r} "
+                               f"({self.bad.count(split)} of {self.bad.totals.get(split, '?')} so far, listed in "
+                               f"{self.bad.path}):")
+        for line in list(seen.values())[:20]:
+            self.accelerator.print(f"  {line}")
+        if len(seen) > 20:
+            self.accelerator.print(f"  ... and {len(seen) - 20} more")
+        self._append_log({"split": split, "step": self.step, "epoch": self.epoch, "bad_records_skipped": len(seen)})
+
+    def log_step(self) -> None:
+        """After an optimizer step: ``steps.jsonl`` gets the step's number and its batches' uids (all
+        processes), and records skipped meanwhile are counted."""
+        uids, bad = self._step_uids, self._pending_bad
+        self._step_uids, self._pending_bad = [], []
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(uids, bad)])
+            uids = [u for p in parts for u in p[0]]
+            bad = [b for p in parts for b in p[1]]
+        if acc.is_main_process:
+            with open(self.run_dir / "steps.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, "epoch": self.epoch, "uids": uids}) + "\n")
+        if bad and self.cfg.data.on_bad_record == "skip":
+            self.bad.add(self.cfg.data.train_split, bad, "load", self.step, self.epoch)
+            self.bad.check(self.cfg.data.train_split)
+
+    def _truncate_steps_log(self) -> None:
+        """Keep ``steps.jsonl`` lines up to the step resumed from (later steps are run again)."""
+        path = self.run_dir / "steps.jsonl"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        keep, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                ok = json.loads(line)["step"] <= self.step
+            except (ValueError, KeyError, TypeError):  # e.g. a line cut by a kill
+                ok = False
+            if ok:
+                keep.append(line)
+            else:
+                dropped += 1
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, path)
+        if dropped:
+            self.accelerator.print(f"steps.jsonl: dropped {dropped} line(s) after step {self.step} (not checkpointed; "
+                                   f"those steps run again)")
+
     # ---- state
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -237,24 +423,31 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
         self.best, self.best_step = None, None
         if not self.resume:
+            self._truncate_steps_log()
             return
         path = self.ckpt.find(self.resume)
         if path is None:
             if self.resume == "latest":
                 self.accelerator.print("--resume latest: no complete checkpoint yet, starting from scratch")
+                self._truncate_steps_log()
                 return
             raise FileNotFoundError(f"no checkpoint at {self.resume}")
         state = self.ckpt.load(self.accelerator, path, to_dict(self.cfg), force=self.force)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best, self.best_step, self.samples = state.get("best"), state.get("best_step"), state.get("samples", 0)
         self.accelerator.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+        self._truncate_steps_log()
 
     # ---- evaluation
     def evaluate(self, loader, split: str, model=None) -> dict:
         acc = self.accelerator
-        metrics = evaluate(model or self.model, loader, gather=acc.gather_for_metrics, decode=self.cfg.eval.decode,
+        step = self.step
+        batches = SkipEmpty(loader, after_first=lambda: fault("mid_eval", step))
+        metrics = evaluate(model or self.model, batches, gather=acc.gather_for_metrics, decode=self.cfg.eval.decode,
                            max_batches=self.cfg.eval.max_batches, progress=acc.is_local_main_process,
                            autocast=acc.autocast, loss_fn=self.loss_fn)
+        self.record_bad(split, batches.bad)
+        self.end_epoch_report(split)
         return metrics
 
     def is_better(self, value: float) -> bool:
@@ -326,26 +519,41 @@ class Trainer:
                     if hasattr(loader, "set_epoch"):
                         loader.set_epoch(self.epoch)
                 for batch in loader:
+                    if batch.get("bad_records"):
+                        self._pending_bad.extend(batch["bad_records"])
                     with acc.accumulate(self.model):
-                        with acc.autocast():
-                            out = self.model(**model_inputs(batch))
-                        losses = self.loss_fn(out, batch)
-                        loss = losses["loss"]
-                        if not torch.isfinite(loss):
-                            self._nonfinite("loss", batch)
-                            self.optimizer.zero_grad(set_to_none=True)
-                            self.batch_in_epoch += 1
-                            continue
-                        acc.backward(loss)
+                        if batch["uids"]:  # else every record of the batch was bad and skipped
+                            with acc.autocast():
+                                out = self.model(**model_inputs(batch))
+                            losses = self.loss_fn(out, batch)
+                            loss = losses["loss"]
+                            if fault("nan_loss", self.step + 1):
+                                loss = loss * float("nan")
+                            if not torch.isfinite(loss):
+                                self._nonfinite("loss", batch)
+                                self.optimizer.zero_grad(set_to_none=True)
+                                self._step_uids = []
+                                self.batch_in_epoch += 1
+                                continue
+                            acc.backward(loss)
+                            self._step_uids.extend(batch["uids"])
                         if acc.sync_gradients:
+                            if fault("nan_grad", self.step + 1):
+                                g = next((p.grad for p in self.model.parameters() if p.grad is not None), None)
+                                if g is not None:
+                                    g.view(-1)[0] = float("nan")
                             gnorm = None
                             if cfg.optim.grad_clip > 0:
                                 gnorm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                                if gnorm is not None and not torch.isfinite(gnorm):
-                                    self._nonfinite("gradient norm", batch)
-                                    self.optimizer.zero_grad(set_to_none=True)
-                                    self.batch_in_epoch += 1
-                                    continue
+                            elif cfg.train.mixed_precision != "fp16":  # fp16: the grad scaler skips such steps
+                                gnorm = acc.clip_grad_norm_(self.model.parameters(), float("inf"))  # measures only
+                            if gnorm is not None and not torch.isfinite(gnorm):
+                                self._nonfinite("gradient norm", batch)
+                                self.optimizer.zero_grad(set_to_none=True)
+                                self._step_uids = []
+                                self.batch_in_epoch += 1
+                                continue
+                            fault("mid_step", self.step + 1)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     self.batch_in_epoch += 1
@@ -355,6 +563,7 @@ class Trainer:
                     self.step += 1
                     self.samples += per_step_samples
                     bar.update(1)
+                    self.log_step()
                     if self.step % cfg.train.log_every == 0 or self.step == total_steps:
                         now = time.time()
                         sps = (self.samples - samples_last) / max(1e-9, now - t_last)
@@ -369,6 +578,11 @@ class Trainer:
                         self.eval_and_keep_best()
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                         self.save_checkpoint()
+                    if fault("stall", self.step):
+                        acc.print(f"{FAULT_ENV}: stalled after step {self.step}; waiting for SIGTERM/SIGINT")
+                        t_stall = time.time()
+                        while stop.signal is None and time.time() - t_stall < 120:
+                            time.sleep(0.05)
                     over_time = cfg.train.time_limit_minutes and (time.time() - t_start) > 60 * cfg.train.time_limit_minutes
                     pause = cfg.train.stop_after_steps and self.step >= cfg.train.stop_after_steps
                     if stop.signal is not None or pause:
@@ -377,6 +591,9 @@ class Trainer:
                     if over_time or self.step >= total_steps:
                         break
                 else:  # epoch finished
+                    if self._pending_bad:
+                        self.log_bad_now()
+                    self.end_epoch_report(cfg.data.train_split)
                     self.epoch += 1
                     self.batch_in_epoch = 0
                     continue
@@ -391,6 +608,7 @@ class Trainer:
             bar.close()
             stop.restore()
         if interrupted and not over_time:
+            self.print_bad_summary()
             self.save_checkpoint()
             why = (f"received {signal.Signals(stop.signal).name}" if stop.signal is not None
                    else f"train.stop_after_steps={cfg.train.stop_after_steps}")
@@ -400,6 +618,10 @@ class Trainer:
             return {"interrupted": True, "step": self.step}
         return self.finish(time.time() - t_start)
 
+    def log_bad_now(self) -> None:
+        bad, self._pending_bad = self._pending_bad, []
+        self.record_bad(self.cfg.data.train_split, bad)
+
     def _nonfinite(self, what: str, batch) -> None:
         msg = (f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch}); "
                f"batch uids: {list(batch['uids'])}")
@@ -407,6 +629,12 @@ class Trainer:
             raise FloatingPointError(msg)
         self.accelerator.print("skipping step: " + msg)
         self._append_log({"split": "train", "step": self.step, "skipped_nonfinite": msg})
+
+    def print_bad_summary(self) -> None:
+        summ = self.bad.summary()
+        if summ:
+            self.accelerator.print("bad records skipped (data.on_bad_record=skip): " + ", ".join(
+                f"{s} {v['bad']} of {v['total']}" for s, v in summ.items()) + f"; listed in {self.bad.path}")
 
     def finish(self, wall: float) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -429,8 +657,7 @@ class Trainer:
         test_dir = Path(cfg.data.root) / cfg.data.test_split
         if cfg.eval.test_at_end and test_dir.is_dir():
             best_model = RAHF.from_pretrained(export).to(acc.device)
-            test_ds = RAHFTorchDataset(open_dataset(cfg.data.root, cfg.data.test_split), cfg.model.vision.img_size,
-                                       cfg.model.heatmap_size, cfg.model.vision.mean, cfg.model.vision.std)
+            test_ds = self.open_split(cfg.data.test_split)
             loader = acc.prepare(make_loader(test_ds, self.collate, cfg.eval.batch_size, cfg))
             metrics = self.evaluate(loader, cfg.data.test_split, model=best_model)
             metrics = {k: v for k, v in metrics.items() if not k.startswith("loss/")}
@@ -440,6 +667,8 @@ class Trainer:
                 (export / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 acc.print(f"\n{cfg.data.test_split} split, best checkpoint (step {self.best_step}):")
                 acc.print(format_tables(metrics))
+        result["bad_records"] = self.bad.summary()
+        self.print_bad_summary()
         if torch.cuda.is_available():
             result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:
@@ -486,7 +715,17 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg))
         return 0
-    result = Trainer(cfg, resume=args.resume, force=args.force).train()
+    try:
+        trainer = Trainer(cfg, resume=args.resume, force=args.force)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.train()
+    except DataError as e:
+        print(f"data error: {e}\n(`rahf data validate {cfg.data.root}` lists every problem; "
+              f"data.on_bad_record=skip skips bad records, up to data.max_bad_fraction of a split)", file=sys.stderr)
+        return 1
     return 0 if result else 1
 
 
