@@ -15,7 +15,7 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python 
 OUT=${GPU_CHECK_JSON:-benchmarks/gpu_check.json}
 if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  DEFAULTS=(--preset large384 --dtype bf16 --device cuda --batch-size 16 --steps 10 --repeats 3 --warmup 2
+  DEFAULTS=(--preset large384 --dtype bf16 --device cuda --batch-size 16 --steps 10 --repeats 3 --warmup 2 --optim fused
             --find-max-batch)
 else
   echo "no CUDA device: CPU dry run (pass e.g. --device cpu --steps 1 --batch-size 1 --preset tiny)"

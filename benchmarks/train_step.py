@@ -84,6 +84,19 @@ def make_batch(cfg: RAHFConfig, batch: int, prompt_len: int, target_len: int, de
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "task_ids", "task_mask")
 
 
+class _NoOpOptimizer:
+    """Stands in for the optimizer when the per-parameter optimizers step inside backward."""
+
+    def __init__(self, opts):
+        self.opts = opts
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+
 class Runner:
     """One configuration: model, optimizer, loss, batch; ``step()`` is one training step."""
 
@@ -97,9 +110,24 @@ class Runner:
             self.model.set_gradient_checkpointing(True)
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        kw = {"fused": True} if args.optim == "fused" else {"foreach": args.optim == "foreach"}
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=1e-5, **kw)
+        self.in_backward = args.optim == "fused-in-backward"
+        if self.in_backward:
+            # one fused AdamW per parameter, stepped as soon as its gradient is accumulated, which is
+            # then freed: the step never holds all gradients at once (no global gradient clipping)
+            opts = {p: torch.optim.AdamW([p], lr=1e-5, weight_decay=0.01 if p.ndim >= 2 else 0.0, fused=True)
+                    for p in self.model.parameters()}
+
+            def hook(p):
+                opts[p].step()
+                opts[p].zero_grad(set_to_none=True)
+
+            for p in self.model.parameters():
+                p.register_post_accumulate_grad_hook(hook)
+            self.opt = _NoOpOptimizer(opts)
+        else:
+            kw = {"fused": True} if args.optim == "fused" else {"foreach": args.optim == "foreach"}
+            self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                          {"params": no_decay, "weight_decay": 0.0}], lr=1e-5, **kw)
         self.loss_fn = RAHFLoss(cfg.loss)
         self.batch = make_batch(cfg, args.batch_size, args.prompt_len, args.target_len, device)
         self.inputs = {k: self.batch[k] for k in MODEL_KEYS if k in self.batch}
@@ -119,7 +147,8 @@ class Runner:
         sync(self.device)
         t0 = time.perf_counter()
         loss = self.forward_backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        if not self.in_backward:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sync(self.device)
@@ -185,7 +214,7 @@ def find_max_batch(cfg, args, device, start: int, limit: int = 4096) -> int:
         r = None
         try:
             a = argparse.Namespace(**{**vars(args), "batch_size": b, "compile": False,
-                                      "channels_last": bool(args.channels_last[0])})
+                                      "channels_last": bool(args.channels_last[0]), "optim": args.optim[0]})
             r = Runner("probe", cfg, a, device)
             r.step()
             best = b
@@ -217,8 +246,11 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", nargs="+", type=int, default=[1], choices=(0, 1),
                    help="heads on channels-last activations (1, the model's default) or NCHW (0)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of ViT and T5")
-    p.add_argument("--optim", choices=("foreach", "fused", "loop"), default="foreach",
-                   help="AdamW implementation (foreach: torch's default, as the trainer uses)")
+    p.add_argument("--optim", nargs="+", choices=("foreach", "fused", "loop", "fused-in-backward"),
+                   default=["foreach"],
+                   help="AdamW implementation(s) (foreach: torch's default, as the trainer uses; fused: one "
+                        "kernel per parameter, also on CPU; fused-in-backward: "
+                        "each parameter stepped in its gradient hook, no clipping)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -235,12 +267,14 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    combos = [(h, v, c, cl) for h in args.head for v in args.variant for c in args.compile for cl in args.channels_last]
+    combos = [(h, v, c, cl, o) for h in args.head for v in args.variant for c in args.compile
+              for cl in args.channels_last for o in args.optim]
     runners = []
-    for h, v, c, cl in combos:
+    for h, v, c, cl, o in combos:
         cfg = build_config(args.preset, h, v)
-        name = f"{args.preset}/{h}/{v}" + ("/compile" if c else "") + ("" if cl else "/nchw")
-        a = argparse.Namespace(**{**vars(args), "compile": bool(c), "channels_last": bool(cl)})
+        name = (f"{args.preset}/{h}/{v}" + ("/compile" if c else "") + ("" if cl else "/nchw")
+                + ("" if o == "foreach" else f"/{o}"))
+        a = argparse.Namespace(**{**vars(args), "compile": bool(c), "channels_last": bool(cl), "optim": o})
         runners.append(Runner(name, cfg, a, device))
         print(f"built {name}: {runners[-1].n_params / 1e6:.1f} M parameters, heatmap {cfg.heatmap_size}²", flush=True)
 
@@ -252,10 +286,8 @@ def main(argv=None) -> int:
             if single:  # also time here: a single configuration needs no round-robin
                 for _ in range(args.steps):
                     r.times.append(r.step())
-        r.mem = pm
-        if not single:
-            r.transient = pm.delta
-    for _ in range(args.repeats if not single else args.repeats - 1):
+        r.mem = pm  # (with several configurations, the warm-up's peak also holds the new AdamW state: not used)
+    for _ in range(max(args.repeats if not single else args.repeats - 1, 0 if single else 1)):
         for r in runners:
             with PeakMemory(device) as pm:
                 for _ in range(args.steps):

@@ -38,12 +38,13 @@ def summary_metric(metrics: dict) -> float:
 @torch.no_grad()
 def evaluate(model, loader, gather: Optional[Callable] = None, decode: Optional[str] = "free",
              max_batches: Optional[int] = None, progress: bool = False, autocast: Optional[Callable] = None,
-             loss_fn=None) -> dict[str, float]:
+             loss_fn=None, heatmaps: bool = True) -> dict[str, float]:
     """Run ``model`` over ``loader`` and compute every metric of SPEC §3 (see ``rahf.metrics``).
 
     Per-map metric values are computed where the batch is (predictions upsampled to the ground truth's
     size), then gathered per sample with ``gather`` — so several processes give the same numbers as one.
     ``decode``: ``"free"`` (greedy generation), ``"constrained"`` (tag/no-tag per prompt word), or None.
+    ``heatmaps=False`` skips the map metrics (e.g. to compare decodings only).
     """
     gather = gather or (lambda x: x)
     unwrapped = getattr(model, "module", model)
@@ -56,6 +57,8 @@ def evaluate(model, loader, gather: Optional[Callable] = None, decode: Optional[
     for bi, batch in enumerate(it):
         if max_batches is not None and bi >= max_batches:
             break
+        if batch.get("empty"):  # every record of this batch was bad and skipped (counted by the loader)
+            continue
         ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
         with ctx:
             out = model(**model_inputs(batch))
@@ -65,14 +68,14 @@ def evaluate(model, loader, gather: Optional[Callable] = None, decode: Optional[
                 loss_sums[k] = loss_sums.get(k, 0.0) + float(v.detach())
             n_loss += 1
         per_sample = {"scores_pred": out.scores.float(), "scores_true": batch["scores"].float()}
-        for m in MAP_NAMES:
+        for m in MAP_NAMES if heatmaps else ():
             gt = batch[f"{m}_map"].float()
             pred = upsample_to(out.heatmaps[m].float(), gt.shape[-2:])
             for k, v in heatmap_metrics(pred, gt).items():
                 per_sample[f"{m}/{k}"] = v.to(gt.device).double()
         per_sample = gather(per_sample)
         acc.update(pred_scores=per_sample["scores_pred"], true_scores=per_sample["scores_true"])
-        for m in MAP_NAMES:
+        for m in MAP_NAMES if heatmaps else ():
             acc.add_map_values(m, {k.split("/", 1)[1]: v.cpu() for k, v in per_sample.items() if k.startswith(m + "/")})
         if decode:
             preds = decode_batch(unwrapped, out, batch, decode)

@@ -171,7 +171,7 @@ def test_force_resume_and_tampered_optimizer_state(data, tmp_path, capsys):
     first = Trainer(resolve_config(None, quick(data, tmp_path, "f", "train.stop_after_steps=2"))).train()
     assert first["interrupted"] and first["step"] == 2
     changed = quick(data, tmp_path, "f", "optim.lr=5e-4")
-    with pytest.raises(ValueError, match=r"(?s)different config.*--force.*\"lr\": 0\.001.*\"lr\": 0\.0005"):
+    with pytest.raises(ValueError, match=r"(?s)different config.*--force.*\"lr\": 0\.002.*\"lr\": 0\.0005"):
         Trainer(resolve_config(None, changed), resume="latest").train()
     # a pickled arbitrary object in optimizer.pt is refused, never constructed
     ck = tmp_path / "f/checkpoints/step_000002"

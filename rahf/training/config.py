@@ -38,7 +38,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     decoder_lr: Optional[float] = None  # None: same as lr
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -53,7 +53,7 @@ class TrainLoopConfig:
     batch_size: int = 32  # per process
     global_batch_size: Optional[int] = None  # set: batch_size = this / (processes × grad_accum), must divide
     grad_accum: int = 1
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1200  # optimizer steps
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     freeze: list[str] = field(default_factory=list)  # parts: vision, projection, embeddings, text_encoder, decoder, heads
@@ -68,18 +68,18 @@ class TrainLoopConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 250  # optimizer steps; 0: only at the end
+    every: int = 400  # optimizer steps; 0: only at the end
     batch_size: int = 64
     metric: str = "summary/mean"  # keep-best metric (any key printed by rahf eval)
     mode: Literal["max", "min"] = "max"
-    decode: Optional[str] = "free"  # free | constrained | None
+    decode: Optional[str] = "constrained"  # free | constrained | None
     max_batches: Optional[int] = None
     test_at_end: bool = True
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 250  # optimizer steps; 0 disables periodic checkpoints
+    every: int = 400  # optimizer steps; 0 disables periodic checkpoints
     keep_last: int = 2
 
 

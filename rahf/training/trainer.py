@@ -661,12 +661,22 @@ class Trainer:
             loader = acc.prepare(make_loader(test_ds, self.collate, cfg.eval.batch_size, cfg))
             metrics = self.evaluate(loader, cfg.data.test_split, model=best_model)
             metrics = {k: v for k, v in metrics.items() if not k.startswith("loss/")}
+            other = {"constrained": "free", "free": "constrained"}.get(cfg.eval.decode)
+            if other:  # keyword metrics under the other decoding too, for comparison
+                alt = evaluate(best_model, loader, gather=acc.gather_for_metrics, decode=other,
+                               autocast=acc.autocast, heatmaps=False)
+                metrics.update({k.replace("keyword", f"keyword_{other}", 1): v for k, v in alt.items()
+                                if k.startswith("keyword")})
             acc.log({f"test/{k}": v for k, v in metrics.items()}, step=self.step)
             result["test"] = metrics
             if acc.is_main_process:
                 (export / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 acc.print(f"\n{cfg.data.test_split} split, best checkpoint (step {self.best_step}):")
                 acc.print(format_tables(metrics))
+                if other:
+                    acc.print(f"Misaligned keywords with {other} decoding (pooled): precision "
+                              f"{100 * metrics[f'keyword_{other}/precision']:.1f}, recall "
+                              f"{100 * metrics[f'keyword_{other}/recall']:.1f}, F1 {100 * metrics[f'keyword_{other}/f1']:.1f}")
         result["bad_records"] = self.bad.summary()
         self.print_bad_summary()
         if torch.cuda.is_available():
