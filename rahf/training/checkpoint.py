@@ -204,7 +204,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        model = accelerator.unwrap_model(accelerator._models[0]) if accelerator._models else None
+        model = accelerator.unwrap_model(accelerator._models[0], keep_torch_compile=False) if accelerator._models else None
         optimizer = accelerator._optimizers[0] if accelerator._optimizers else None
         files = []
         if accelerator.is_main_process:
@@ -261,7 +261,7 @@ class CheckpointManager:
                 raise ValueError(f"checkpoint {path} was written with a different config; refusing to resume "
                                  f"(pass --force to resume anyway):\n{diff}")
             accelerator.print(f"warning: resuming {path} with a different config (--force):\n{diff}")
-        model = accelerator.unwrap_model(accelerator._models[0])
+        model = accelerator.unwrap_model(accelerator._models[0], keep_torch_compile=False)
         load_model(model, str(path / "model.safetensors"), strict=True, device=str(accelerator.device))
         optimizer = accelerator._optimizers[0]
         opt_state = _load_tensors(path / "optimizer.pt")

@@ -46,6 +46,7 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables
+    fused: bool = True  # fused AdamW kernel (CPU and CUDA); false: the foreach implementation
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainLoopConfig:
     seed: int = 0
     freeze: list[str] = field(default_factory=list)  # parts: vision, projection, embeddings, text_encoder, decoder, heads
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model (opt-in; first steps pay the compilation)
     threads: int = 0  # torch threads per process on CPU; 0: cores / processes
     log_every: int = 10
     deterministic: bool = False
@@ -120,7 +122,15 @@ def resolve_config(config_file: Optional[str] = None, overrides: Optional[list[s
     if not isinstance(model_layer, dict):
         raise ConfigError("model: expected a mapping")
     preset = model_layer.get("preset", "tiny")
+    model_layer = dict(model_layer)
+    style = model_layer.pop("head_style", None)  # repro | light | light_heatmap (see rahf.config.HEAD_STYLES)
     base = to_dict(TrainConfig(model=RAHFConfig.preset(preset)))
+    if style is not None:
+        from ..config import HEAD_STYLES
+
+        if style not in HEAD_STYLES:
+            raise ConfigError(f"model.head_style: unknown style {style!r}; choose from {sorted(HEAD_STYLES)}")
+        base["model"] = merge(base["model"], to_dict(HEAD_STYLES[style]))
     cfg = build(TrainConfig, base, merged, {"model": model_layer})
     check_config(cfg)
     return cfg

@@ -311,7 +311,9 @@ class Trainer:
         eval_loader = (make_loader(self.eval_ds, self.collate, cfg.eval.batch_size, cfg)
                        if self.eval_ds is not None and len(self.eval_ds) else None)
         optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                      eps=cfg.optim.eps)
+                                      eps=cfg.optim.eps, **({"fused": True} if cfg.optim.fused else {}))
+        if cfg.train.compile:
+            model = torch.compile(model)
         # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
         # step it once per process).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -319,7 +321,7 @@ class Trainer:
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
         acc.register_for_checkpointing(self.scheduler)
         self.loss_fn = RAHFLoss(cfg.model.loss)
-        self.unwrapped = acc.unwrap_model(self.model)
+        self.unwrapped = acc.unwrap_model(self.model, keep_torch_compile=False)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.grad_accum)
         n_params = sum(p.numel() for p in model.parameters())
         acc.print(f"model {cfg.model.preset}/{cfg.model.variant}: {n_params:,} parameters; "
