@@ -19,3 +19,14 @@ def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     generate(root, train=64, dev=16, test=16, size=128, seed=0, workers=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """An untrained tiny model saved with save_pretrained (seeded: the same weights every run)."""
+    from rahf import RAHF, RAHFConfig
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tinyck")
+    RAHF(RAHFConfig.preset("tiny")).save_pretrained(d)
+    return d

@@ -13,12 +13,6 @@ from rahf.config import MAP_NAMES, SCORE_NAMES
 from rahf.predict_cli import heatmap_to_mask, read_manifest, select_best
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tinyck")
-    RAHF(RAHFConfig.preset("tiny")).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

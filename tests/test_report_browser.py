@@ -43,12 +43,6 @@ def _colour_bins(img: np.ndarray) -> set:
     return set(map(tuple, np.unique(q, axis=0)))
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tinyck")
-    RAHF(RAHFConfig.preset("tiny")).save_pretrained(d)
-    return d
 
 
 def test_predict_page_in_browser(ckpt, tmp_path):

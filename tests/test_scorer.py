@@ -17,12 +17,6 @@ PROMPTS = ["a yellow cat on a red mat", "Zebra!! qux foo_bar 42", "x", "the   bl
            "supercalifragilistic wordsthatarenotinthevocabulary x_1 tags", ""]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tinyck")
-    RAHF(RAHFConfig.preset("tiny")).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
