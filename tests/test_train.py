@@ -127,3 +127,14 @@ def test_two_cpu_processes_stay_in_sync_and_evaluate_like_one(synth_root, tmp_pa
     for k in one:
         if isinstance(one[k], float) and one[k] == one[k]:
             assert abs(one[k] - two[k]) < 1e-4, (k, one[k], two[k])  # float32 batch-size effects only
+
+
+def test_tensorboard_tracker_and_augmented_variant(synth_root, tmp_path):
+    args = small(synth_root, tmp_path, "tb", "train.max_steps=2", "eval.every=0", "checkpoint.every=0",
+                 "eval.test_at_end=false", "model.variant=augmented_prompt")
+    args = [a for a in args if not a.startswith("tracking.")] + ["tracking.tracker=tensorboard"]
+    result = Trainer(resolve_config(None, args)).train()
+    assert result["step"] == 2
+    events = list((tmp_path / "tensorboard" / "tb").rglob("events.out.tfevents.*"))
+    assert events and any(e.stat().st_size > 0 for e in events)
+    assert json.loads((tmp_path / "tb" / "export" / "config.json").read_text())["variant"] == "augmented_prompt"

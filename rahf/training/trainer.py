@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..configtools import ConfigError, dump_yaml, to_dict
@@ -247,7 +247,9 @@ class Trainer:
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=None if tracker == "none" else tracker,
-            project_dir=None,
+            # tensorboard: RUN_OUTPUT/tensorboard/<run-name>/ (`tensorboard --logdir runs/tensorboard`)
+            project_config=ProjectConfiguration(project_dir=cfg.run.output_dir,
+                                                logging_dir=os.path.join(cfg.run.output_dir, "tensorboard")),
         )
         acc = self.accelerator
         t = cfg.train
@@ -494,10 +496,8 @@ class Trainer:
                 os.environ.setdefault("WANDB_MODE", "offline")
             os.environ.setdefault("WANDB_DIR", str(self.run_dir))
             kw = {"wandb": {"dir": str(self.run_dir), "name": self.run_dir.name}} if cfg.tracking.tracker == "wandb" else {}
-            if cfg.tracking.tracker == "tensorboard":
-                acc.project_configuration.set_directories(str(self.run_dir))
-                acc.project_configuration.logging_dir = str(self.run_dir / "tb")
-            acc.init_trackers(cfg.tracking.project, config=_flat(to_dict(cfg)), init_kwargs=kw)
+            project = self.run_dir.name if cfg.tracking.tracker == "tensorboard" else cfg.tracking.project
+            acc.init_trackers(project, config=_flat(to_dict(cfg)), init_kwargs=kw)
         self.try_resume()
         stop = StopRequest()
         stop.install()
