@@ -220,37 +220,41 @@ def check_entry(entry: Mapping, where: str = "manifest") -> None:
             raise DataError(uid, f"score {name!r} = {v} is outside [0, 1]", where)
 
 
-def read_manifest(split_dir: str | os.PathLike, bad: list | None = None) -> list[dict]:
-    """Parse ``manifest.jsonl``. A bad line raises :class:`DataError` naming the file and line, or, if
+def iter_manifest(split_dir: str | os.PathLike, bad: list | None = None) -> Iterator[tuple[int, object]]:
+    """Yield ``(line number, parsed JSON value)`` for each non-blank line of ``manifest.jsonl``.
+
+    A line that is not UTF-8 or not JSON raises :class:`DataError` naming the file and line, or, if
     ``bad`` is a list, is appended to it as a :class:`DataError` and left out."""
     path = Path(split_dir) / MANIFEST
     if not path.is_file():
         raise DataError(None, "manifest.jsonl not found", str(path))
-    entries = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
             except UnicodeDecodeError as e:
                 err = DataError(None, f"line is not valid UTF-8 ({e.reason} at byte {e.start})", where)
-                if bad is None:
-                    raise err from None
-                bad.append(err)
-                continue
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
             except json.JSONDecodeError as e:
                 err = DataError(None, f"line is not valid JSON ({e.msg}, column {e.colno})", where)
-                if bad is None:
-                    raise err from None
-                bad.append(err)
+            else:
+                yield lineno, entry
                 continue
-            if isinstance(entry, dict):
-                entry["_line"] = lineno
-            entries.append(entry)
+            if bad is None:
+                raise err from None
+            bad.append(err)
+
+
+def read_manifest(split_dir: str | os.PathLike, bad: list | None = None) -> list[dict]:
+    """Parse ``manifest.jsonl`` (see :func:`iter_manifest`); each object gets its line number as ``_line``."""
+    entries = []
+    for lineno, entry in iter_manifest(split_dir, bad):
+        if isinstance(entry, dict):
+            entry["_line"] = lineno
+        entries.append(entry)
     return entries
 
 

@@ -74,7 +74,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .format import SCORE_NAMES, SplitWriter, map_to_png_bytes, read_dataset_info, split_words, tag_words, write_dataset_info
+from .format import SCORE_NAMES, Example, SplitWriter, map_to_png_bytes, read_dataset_info, split_words, tag_words, write_dataset_info
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
@@ -654,16 +654,11 @@ def _tags(scene: Scene) -> list[bool]:
 # ----------------------------------------------------------------------------------------------
 # Records
 @dataclass
-class SynthRecord:
-    uid: str
-    caption: str
-    prompt: str
-    tagged_prompt: str
-    scores: dict[str, float]
-    image: Image.Image
-    implausibility_map: np.ndarray
-    misalignment_map: np.ndarray
-    scene: Scene
+class SynthRecord(Example):
+    """A generated record: an :class:`Example` plus the caption it was phrased as and its scene."""
+
+    caption: str = ""
+    scene: Scene | None = None
 
 
 def render_scene(spec: PromptSpec, rng: np.random.Generator, size: int = 128) -> tuple[Scene, Image.Image, np.ndarray, np.ndarray]:
@@ -705,8 +700,8 @@ def record_from_spec(spec: PromptSpec, rng: np.random.Generator, uid: str, size:
     scores = {k: round(float(np.clip(true[k] + rng.normal(0, SCORE_NOISE), 0, 1)), 4) for k in SCORE_NAMES}
     words = spec.words
     assert split_words(spec.caption) == words, (spec.caption, words)
-    return SynthRecord(uid, spec.caption, " ".join(words), tag_words(words, _tags(scene)),
-                       scores, image, imp, mis, scene)
+    return SynthRecord(uid=uid, prompt=" ".join(words), tagged_prompt=tag_words(words, _tags(scene)), scores=scores,
+                       image=image, implausibility_map=imp, misalignment_map=mis, caption=spec.caption, scene=scene)
 
 
 def _encoded_record(task: tuple[int, str, int, int]) -> tuple:

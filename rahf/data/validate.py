@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .format import MANIFEST, MAP_NAMES, SPLITS, DataError, check_entry
+from .format import MANIFEST, MAP_NAMES, SPLITS, DataError, check_entry, iter_manifest
 
 MIN_IMAGE_SIDE = 8
 
@@ -55,20 +55,10 @@ class Report:
 
 def _manifest_lines(path: Path, split: str, report: Report):
     """Yield ``(lineno, entry)`` for each non-blank line that parses; report the others."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{MANIFEST}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report.add(split, where, f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                report.add(split, where, f"line is not valid JSON ({e.msg}, column {e.colno})")
+    bad: list[DataError] = []
+    yield from iter_manifest(path.parent, bad)
+    for err in bad:
+        report.add(split, f"{MANIFEST}:{err.where.rsplit(':', 1)[-1]}", err.problem)
 
 
 def _resolve(split_dir: Path, rel: object) -> tuple[Path | None, str | None]:
