@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.common import machine_info, print_table, setup_threads, write_json  # noqa: E402
-from rahf.config import RAHFConfig  # noqa: E402
+from rahf.model.config import RAHFConfig  # noqa: E402
 from rahf.data.format import SCORE_NAMES, SplitWriter, map_to_png_bytes, open_dataset, write_dataset_info  # noqa: E402
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset  # noqa: E402
 from rahf.training.config import DataConfig  # noqa: E402
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
     cfg = build_config(args.preset, "preset", "multi_head")
     model_cfg = RAHFConfig.preset(args.preset)
-    from rahf.tokenizer import load_tokenizer
+    from rahf.model.tokenizer import load_tokenizer
 
     tok_name = model_cfg.text.tokenizer
     try:

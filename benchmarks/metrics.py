@@ -49,7 +49,7 @@ def soft_disk_maps(n: int, size: int, gen: torch.Generator) -> tuple[torch.Tenso
 
 
 def auc_judd_loop(p: np.ndarray, g: np.ndarray) -> float:
-    """Reference: one pass over all pixels per threshold (SPEC §3 definition, tie-aware)."""
+    """Reference: one pass over all pixels per threshold (tie-aware definition)."""
     p = np.asarray(p, dtype=np.float64).ravel()
     F = np.asarray(g).ravel() > 0
     K, N = int(F.sum()), p.size

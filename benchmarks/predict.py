@@ -35,7 +35,7 @@ def build(preset: str) -> RAHF:
     if preset == "tiny":
         return RAHF(RAHFConfig.preset("tiny"))
     try:
-        from rahf.tokenizer import load_tokenizer
+        from rahf.model.tokenizer import load_tokenizer
 
         load_tokenizer(RAHFConfig.preset(preset).text.tokenizer)
         return RAHF(RAHFConfig.preset(preset))

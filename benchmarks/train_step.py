@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import (PeakMemory, autocast, count_flops, gemm_peak, machine_info, print_table,  # noqa: E402
                                setup_threads, sync, write_json)
-from rahf.config import HEAD_STYLES, MAP_NAMES, RAHFConfig  # noqa: E402
-from rahf.loss import RAHFLoss  # noqa: E402
+from rahf.model.config import HEAD_STYLES, MAP_NAMES, RAHFConfig  # noqa: E402
+from rahf.model.loss import RAHFLoss  # noqa: E402
 from rahf.model import RAHF, TASKS  # noqa: E402
 
 FLOP_GROUPS = {
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="round-robin repeats over the configurations")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (weights stay fp32)")
     p.add_argument("--head", nargs="+", default=["preset"], choices=["preset", *HEAD_STYLES],
-                   help="head style(s): the preset's own, or a named style from rahf.config.HEAD_STYLES")
+                   help="head style(s): the preset's own, or a named style from rahf.model.config.HEAD_STYLES")
     p.add_argument("--variant", nargs="+", default=["multi_head"], choices=("multi_head", "augmented_prompt"))
     p.add_argument("--compile", nargs="+", type=int, default=[0], choices=(0, 1), help="torch.compile the model")
     p.add_argument("--channels-last", nargs="+", type=int, default=[1], choices=(0, 1),

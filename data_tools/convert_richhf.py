@@ -6,7 +6,7 @@
 
 import sys
 
-from rahf.data.richhf import main
+from rahf.cli.data import convert_richhf_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from rahf.data.synth_cli import add_synth_arguments, cmd_synth
+from rahf.cli.data import add_synth_arguments, cmd_synth
 
 
 def main(argv=None) -> int:

@@ -76,7 +76,7 @@ def test_skip_mode_drops_counts_and_lists_through_dataloader_workers(corpus):
     assert split.total == len(split.entries) + len(split.bad) == len(KINDS) + 6
     ds = RAHFTorchDataset(split, 64, 32)
     from rahf.model import RAHF
-    from rahf.config import RAHFConfig
+    from rahf.model.config import RAHFConfig
 
     collate = RAHFCollator.for_model(RAHF(RAHFConfig.preset("tiny", vision={"img_size": 64, "depth": 1})))
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1, collate_fn=collate)

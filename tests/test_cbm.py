@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from rahf.cbm import (Aggregator, TREES, binarize, class_weights, controlled_experiment, fit_aggregator, fit_logistic,
+from rahf.reward.cbm import (Aggregator, TREES, binarize, class_weights, controlled_experiment, fit_aggregator, fit_logistic,
                       format_curve_table, learning_curve, plot_curves, rahf_attributes)
-from rahf.textnorm import roc_auc
+from rahf.reward.textnorm import roc_auc
 
 
 def _linear_data(n=2000, seed=0):
@@ -91,7 +91,7 @@ def test_controlled_experiment_qualitative_result():
 def test_cli_fit_and_apply_on_a_table(tmp_path, capsys):
     import argparse
 
-    from rahf.beyond_cli import register
+    from rahf.cli.reward import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from rahf.ensemble import ensemble_report, ensemble_rewards, mean_ensemble, uncertainty_ensemble
-from rahf.textnorm import textnorm
+from rahf.reward.ensemble import ensemble_report, ensemble_rewards, mean_ensemble, uncertainty_ensemble
+from rahf.reward.textnorm import textnorm
 
 
 def test_mean_minus_lambda_std_by_hand():

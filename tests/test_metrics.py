@@ -34,7 +34,7 @@ PER_MAP = {"mse": mse, "cc": cc, "kld": kld, "sim": sim, "nss": nss, "auc_judd":
 
 
 def auc_judd_reference(p: np.ndarray, g: np.ndarray) -> float:
-    """Straightforward per-threshold AUC-Judd (SPEC §3): one pass over the pixels per threshold."""
+    """Straightforward per-threshold AUC-Judd: one pass over the pixels per threshold."""
     p = np.asarray(p, dtype=np.float64).ravel()
     F = np.asarray(g).ravel() > 0
     K, N = int(F.sum()), p.size

@@ -93,7 +93,7 @@ def test_collate_pads_labels_with_minus_100():
         assert row[n - 1] == tok.eos_token_id
     assert batch["attention_mask"].sum(1).tolist() == [len(tok(p)["input_ids"]) for p in batch["prompts"]]
     # the tag is a token of its own and decodes back to the tagged prompt
-    from rahf.tokenizer import decode_tagged
+    from rahf.model.tokenizer import decode_tagged
     assert decode_tagged(tok, lab.clamp(min=0)) == batch["tagged_prompts"]
 
 

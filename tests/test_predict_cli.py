@@ -9,8 +9,10 @@ from PIL import Image
 
 from rahf import RAHF, RAHFConfig, RAHFScorer
 from rahf.cli import main
-from rahf.config import MAP_NAMES, SCORE_NAMES
-from rahf.predict_cli import heatmap_to_mask, read_manifest, select_best
+from rahf.model.config import MAP_NAMES, SCORE_NAMES
+from rahf.cli.predict import read_manifest
+from rahf.reward.masks import heatmap_to_mask
+from rahf.reward.select import select_best
 
 
 

@@ -1,4 +1,4 @@
-"""RAHFScorer (rahf.scorer) and constrained decoding (rahf.decoding) with the tiny preset."""
+"""RAHFScorer (rahf.eval.scorer) and constrained decoding (rahf.model.decoding) with the tiny preset."""
 
 import numpy as np
 import pytest
@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rahf import RAHF, RAHFConfig, RAHFScorer
-from rahf.config import MAP_NAMES, SCORE_NAMES
+from rahf.model.config import MAP_NAMES, SCORE_NAMES
 from rahf.data.format import open_dataset, parse_tagged, split_words
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset
-from rahf.decoding import constrained_tag_flags, constrained_tagging
-from rahf.evaluation import model_inputs
+from rahf.model.decoding import constrained_tag_flags, constrained_tagging
+from rahf.eval.evaluate import model_inputs
 
 PROMPTS = ["a yellow cat on a red mat", "Zebra!! qux foo_bar 42", "x", "the   blue, square; and: one?",
            "supercalifragilistic wordsthatarenotinthevocabulary x_1 tags", ""]
@@ -33,7 +33,7 @@ def test_scores_equal_evaluation_path(scorer, synth_root):
     batch = RAHFCollator.for_model(model)([ds[i] for i in range(n)])
     with torch.no_grad():
         out = model(**model_inputs(batch))
-    from rahf.evaluation import decode_batch
+    from rahf.eval.evaluate import decode_batch
 
     tagged_eval = decode_batch(model, out, batch, "constrained")
     paths = [split.path(i, "image") for i in range(n)]

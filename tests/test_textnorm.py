@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau, spearmanr
 
-from rahf.textnorm import (RuleContrast, Vocabulary, ap_at_k, average_precision, contrast_sets, default_vocabulary,
+from rahf.reward.textnorm import (RuleContrast, Vocabulary, ap_at_k, average_precision, contrast_sets, default_vocabulary,
                            kendall_tau, log_textnorm, ranking_metrics, roc_auc, spearman, textnorm)
 
 

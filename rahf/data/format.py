@@ -52,61 +52,12 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-SCORE_NAMES: tuple[str, ...] = ("plausibility", "alignment", "aesthetics", "overall")
-MAP_NAMES: tuple[str, ...] = ("implausibility", "misalignment")
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
+from ..schema import (BAD_RECORD_POLICIES, MAP_NAMES, MAX_PROMPT_CHARS, MIN_IMAGE_SIDE, SCORE_NAMES, SPLITS, TAG,  # noqa: F401
+                      DataError, clean_prompt, load_image, load_map, parse_tagged, split_words, tag_words)
+
 FORMAT_NAME = "rahf-dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.jsonl"
-TAG = "_0"
-MAX_PROMPT_CHARS = 2048  # longer prompts are bad records (the text encoder truncates far earlier)
-MIN_IMAGE_SIDE = 8  # smaller images are bad records
-BAD_RECORD_POLICIES = ("error", "skip")
-
-# SPEC §1: split the caption on any of , . ? ! " : ; and whitespace, dropping empty strings.
-_WORD_SPLIT = re.compile(r'[,.?!":;\s]+')
-
-
-class DataError(ValueError):
-    """A problem with one record (or one file) of a dataset. The message names the record."""
-
-    def __init__(self, uid: str | None, problem: str | None = None, where: str | None = None):
-        if problem is None:  # DataError(message): how torch's DataLoader re-raises a worker's exception
-            self.uid, self.problem, self.where = None, str(uid), None
-            super().__init__(str(uid))
-            return
-        self.uid = uid
-        self.problem = problem
-        self.where = where
-        loc = f" in {where}" if where else ""
-        super().__init__(f"record {uid!r}{loc}: {problem}" if uid is not None else f"{where or 'dataset'}: {problem}")
-
-
-def split_words(caption: str) -> list[str]:
-    """Split a caption into words by SPEC §1's rule (``, . ? ! " : ;`` and whitespace)."""
-    return [w for w in _WORD_SPLIT.split(caption) if w]
-
-
-def clean_prompt(caption: str) -> str:
-    """The clean prompt: the caption's words joined by single spaces."""
-    return " ".join(split_words(caption))
-
-
-def tag_words(words: Sequence[str], misaligned: Sequence[bool]) -> str:
-    """Join ``words`` with single spaces, appending ``_0`` to each misaligned word."""
-    if len(words) != len(misaligned):
-        raise ValueError(f"{len(words)} words but {len(misaligned)} labels")
-    return " ".join(w + TAG if bad else w for w, bad in zip(words, misaligned))
-
-
-def parse_tagged(tagged: str) -> tuple[list[str], list[bool]]:
-    """Inverse of :func:`tag_words`: ``"a yellow_0 cat"`` -> (["a", "yellow", "cat"], [False, True, False])."""
-    words, flags = [], []
-    for tok in tagged.split():
-        bad = tok.endswith(TAG) and len(tok) > len(TAG)
-        words.append(tok[: -len(TAG)] if bad else tok)
-        flags.append(bad)
-    return words, flags
 
 
 def map_to_png_bytes(heatmap: np.ndarray) -> bytes:
@@ -120,49 +71,6 @@ def map_to_png_bytes(heatmap: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(u8, mode="L").save(buf, format="PNG")
     return buf.getvalue()
-
-
-def load_map(path: str | os.PathLike, uid: str | None = None) -> np.ndarray:
-    """Read an 8-bit grayscale PNG heatmap as float32 (H, W) in [0, 1]. Errors name the record."""
-    try:
-        with Image.open(path) as im:
-            if im.mode != "L":
-                raise DataError(uid, f"heatmap {Path(path).name} has mode {im.mode!r}; expected 2-D single-channel "
-                                     f"8-bit grayscale 'L'")
-            im.load()
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(uid, f"heatmap file missing: {path}") from None
-    except Exception as e:  # PIL raises many kinds
-        raise DataError(uid, f"heatmap {Path(path).name} does not decode: {e}") from e
-    return arr
-
-
-def load_image(path: str | os.PathLike, uid: str | None = None, min_side: int = 0) -> Image.Image:
-    """Open an image file as PIL RGB, fully decoded. Errors name the record.
-
-    Any mode is converted to RGB (RGBA/LA: alpha dropped). Images over ``PIL.Image.MAX_IMAGE_PIXELS``
-    pixels are refused from their header, before decoding; ``min_side``: smaller images are errors."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-                raise DataError(uid, f"image {Path(path).name} is a decompression bomb: it declares {w}×{h} = "
-                                     f"{w * h:,} pixels, over the limit of {Image.MAX_IMAGE_PIXELS:,}")
-            if min(w, h) < min_side:
-                raise DataError(uid, f"image {Path(path).name} is {w}×{h}, smaller than {min_side}×{min_side}")
-            im.load()
-            return im.convert("RGB")
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(uid, f"image file missing: {path}") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(uid, f"image {Path(path).name} is a decompression bomb: {e}") from e
-    except Exception as e:
-        raise DataError(uid, f"image {Path(path).name} does not decode: {e}") from e
 
 
 @dataclass

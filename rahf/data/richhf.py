@@ -2,7 +2,7 @@
 
 ``rahf data convert-richhf --tfrecords DIR --images SOURCE --out OUT``
 
-* ``DIR`` holds ``train.tfrecord``, ``dev.tfrecord``, ``test.tfrecord`` (SPEC §1).
+* ``DIR`` holds ``train.tfrecord``, ``dev.tfrecord``, ``test.tfrecord`` .
 * ``SOURCE`` is either a directory of Pick-a-Pic v1 parquet shards (``train-00000-of-00645.parquet``
   ..., searched recursively, columns ``caption``, ``image_0_uid``, ``image_1_uid``, ``jpg_0``,
   ``jpg_1``), or a folder of image files named ``<uid>.<jpg|jpeg|png|webp>`` (searched recursively)
@@ -33,7 +33,6 @@ the same report.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -55,7 +54,7 @@ from .tfrecord import DecodeError, crc32c, decode_example, iter_tfrecord, read_r
 
 __all__ = ["convert_richhf", "ConversionError", "register", "main", "SCORE_FEATURES", "MAP_FEATURES", "SKIP_REASONS"]
 
-# TFRecord feature -> package score name (SPEC §1).
+# TFRecord feature -> package score name .
 SCORE_FEATURES: dict[str, str] = {
     "artifact_score": "plausibility",
     "misalignment_score": "alignment",
@@ -867,75 +866,3 @@ def summary_lines(report: dict) -> list[str]:
         if r["clipped_scores"]:
             lines.append(f"  {len(r['clipped_scores'])} record(s) had scores clipped to [0, 1]")
     return lines
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tfrecords", required=True, metavar="DIR",
-                   help="directory with train.tfrecord, dev.tfrecord, test.tfrecord (RichHF-18K labels)")
-    p.add_argument("--images", required=True, metavar="SOURCE",
-                   help="Pick-a-Pic v1 parquet directory, or a folder of <uid>.<jpg|jpeg|png|webp> images "
-                        "with captions.jsonl / captions.csv / captions.tsv (columns uid, caption)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
-    p.add_argument("--captions", metavar="FILE", default=None,
-                   help="captions file for a folder SOURCE (default: SOURCE/captions.{jsonl,csv,tsv})")
-    p.add_argument("--strict", action="store_true", help="fail (exit 1) instead of skipping any record")
-    p.add_argument("--heatmap-size", type=int, default=None, metavar="PX",
-                   help="resize heatmaps to PX×PX (default: keep their original size, 512×512)")
-    p.add_argument("--clip-scores", action="store_true",
-                   help="clip scores outside [0, 1] into range instead of skipping the record")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="processes for image decode-checks and heatmap re-encoding (default 1)")
-    p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to convert (default: all three)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    def log(msg):
-        print(msg, file=sys.stderr)
-
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    bad = [s for s in splits if s not in SPLITS]
-    if bad:
-        log(f"error: unknown split(s) {bad}; choose from {list(SPLITS)}")
-        return 2
-    if args.heatmap_size is not None and args.heatmap_size <= 0:
-        log("error: --heatmap-size must be a positive number of pixels")
-        return 2
-    if args.workers < 1:
-        log("error: --workers must be at least 1")
-        return 2
-    try:
-        report = convert_richhf(args.tfrecords, args.images, args.out, strict=args.strict,
-                                heatmap_size=args.heatmap_size, workers=args.workers,
-                                clip_scores=args.clip_scores, captions=args.captions, splits=splits,
-                                progress=not args.quiet, log=log)
-    except DataError as e:
-        log(f"error: {e}")
-        return 1
-    for line in summary_lines(report):
-        print(line)
-    print(f"wrote {report['kept']} of {report['total']} records to {args.out} "
-          f"(report: {Path(args.out) / REPORT_NAME})")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("convert-richhf", help="convert RichHF-18K TFRecords + Pick-a-Pic images",
-                              description=__doc__.split("\n\n")[0] if __doc__ else None)
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="convert_richhf", description="Convert RichHF-18K to the rahf dataset format")
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

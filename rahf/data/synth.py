@@ -74,6 +74,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..lexicon import (COLOUR_WORDS, CONNECTIVES, COUNT_WORDS, PLURALS, PREFIXES, RELATIONS, SHAPES,  # noqa: F401
+                       SIZE_WORDS, SYNTH_VOCABULARY)
 from .format import SCORE_NAMES, Example, SplitWriter, map_to_png_bytes, read_dataset_info, split_words, tag_words, write_dataset_info
 
 # ----------------------------------------------------------------------------------------------
@@ -86,31 +88,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (145, 40, 190),
     "orange": (255, 125, 0),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles",
-                           "star": "stars", "cross": "crosses"}
+assert tuple(COLOURS) == COLOUR_WORDS
 # size word -> radius range as a fraction of the image side (None: no size word)
 SIZES: dict[str | None, tuple[float, float]] = {"small": (0.10, 0.115), None: (0.125, 0.145), "big": (0.17, 0.19)}
-COUNT_WORDS: dict[int, tuple[str, ...]] = {1: ("a", "one"), 2: ("two",), 3: ("three",)}
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below", "next to", "inside")
-PREFIXES: tuple[tuple[str, ...], ...] = (
-    ("A", "photo", "of"), ("A", "picture", "of"), ("An", "image", "of"), ("A", "drawing", "of"),
-    ("A", "painting", "of"), ("There", "is"), ("Scene", ":"),
-)
-CONNECTIVES: tuple[str, ...] = ("and", "with", "Also", "are")
-
-
-def _vocabulary() -> list[str]:
-    words = set(COLOURS) | set(SHAPES) | set(PLURALS.values()) | {s for s in SIZES if s} | {"an"}
-    words |= {w for ws in COUNT_WORDS.values() for w in ws}
-    words |= {w for r in RELATIONS for w in r.split()}
-    words |= {w for p in PREFIXES for w in p if split_words(w)}
-    words |= set(CONNECTIVES)
-    return sorted(words)
-
-
-SYNTH_VOCABULARY: list[str] = _vocabulary()
-"""Every word a synth prompt can contain (case as written)."""
+assert tuple(s for s in SIZES if s) == SIZE_WORDS
 
 ERROR_WEIGHTS = {"missing": 1.0, "shape": 0.75, "colour": 0.65, "count": 0.55, "place": 0.55, "size": 0.45}
 ARTIFACT_KINDS: tuple[str, ...] = ("smear", "duplicate", "broken", "melt", "blotch")

@@ -99,7 +99,7 @@ class RAHFCollator:
     def for_model(cls, model) -> "RAHFCollator":
         cfg = model.config
         aug = cfg.variant == "augmented_prompt"
-        from ..model import TASKS
+        from ..schema import TASKS
 
         return cls(model.tokenizer, cfg.text.max_prompt_tokens, cfg.text.max_target_tokens,
                    task_prompts=cfg.task_prompts if aug else None, tasks=TASKS if aug else None)

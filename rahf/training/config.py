@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..config import RAHFConfig
+from ..model.config import RAHFConfig
 from ..configtools import ConfigError, build, load_yaml, merge, overrides_to_dict, to_dict
 
 
@@ -123,10 +123,10 @@ def resolve_config(config_file: Optional[str] = None, overrides: Optional[list[s
         raise ConfigError("model: expected a mapping")
     preset = model_layer.get("preset", "tiny")
     model_layer = dict(model_layer)
-    style = model_layer.pop("head_style", None)  # repro | light | light_heatmap (see rahf.config.HEAD_STYLES)
+    style = model_layer.pop("head_style", None)  # repro | light | light_heatmap (see rahf.model.config.HEAD_STYLES)
     base = to_dict(TrainConfig(model=RAHFConfig.preset(preset)))
     if style is not None:
-        from ..config import HEAD_STYLES
+        from ..model.config import HEAD_STYLES
 
         if style not in HEAD_STYLES:
             raise ConfigError(f"model.head_style: unknown style {style!r}; choose from {sorted(HEAD_STYLES)}")
@@ -166,7 +166,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("data.max_bad_fraction must be in [0, 1]")
     if cfg.eval.decode not in (None, "free", "constrained"):
         raise ConfigError(f"eval.decode must be free, constrained or null, got {cfg.eval.decode!r}")
-    from ..model import FREEZABLE
+    from ..model.rahf_model import FREEZABLE
 
     for part in t.freeze:
         if part not in FREEZABLE:

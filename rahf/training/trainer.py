@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 from ..configtools import ConfigError, dump_yaml, to_dict
 from ..data.format import DataError, open_dataset, read_dataset_info
 from ..data.torch_data import RAHFCollator, RAHFTorchDataset
-from ..evaluation import evaluate, model_inputs
-from ..loss import RAHFLoss
-from ..metrics import format_tables
-from ..model import RAHF
+from ..eval.evaluate import evaluate, model_inputs
+from ..model.loss import RAHFLoss
+from ..eval.metrics import format_tables
+from ..model.rahf_model import RAHF
 from .config import TrainConfig, default_config_path, resolve_config
 from .checkpoint import FAULT_ENV, CheckpointManager, atomic_save_pretrained, fault, parse_faults
 

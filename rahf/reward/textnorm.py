@@ -1,4 +1,4 @@
-"""TextNorm (SPEC §5, seed 003): reward calibration over semantically contrastive prompts, and the
+"""TextNorm : reward calibration over semantically contrastive prompts, and the
 ranking metrics used to judge a reward as a detector of aligned vs misaligned (image, prompt) pairs.
 
 Three parts, all pure numpy/scipy (no model needed):

@@ -9,13 +9,13 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from .trainer import add_arguments, run
+    from ..training.trainer import add_arguments, run
 
     p = sub.add_parser("train", help="train, evaluate and export a model (same as train.py)")
     add_arguments(p)
     p.set_defaults(func=run)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split (every metric of SPEC §3)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split (every metric in docs/metrics.md)")
     e.add_argument("--checkpoint", required=True, help="a save_pretrained directory (e.g. RUN/export)")
     e.add_argument("--data", required=True, help="dataset directory in the package's format")
     e.add_argument("--split", default="test")
@@ -35,8 +35,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from ..data.format import open_dataset
     from ..data.torch_data import RAHFCollator, RAHFTorchDataset
-    from ..evaluation import evaluate
-    from ..metrics import format_tables
+    from ..eval.evaluate import evaluate
+    from ..eval.metrics import format_tables
     from ..model import RAHF
 
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
@@ -71,7 +71,7 @@ def run_eval(args: argparse.Namespace) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
         if args.report:
-            from ..report import write_eval_report
+            from ..eval.report import write_eval_report
 
             write_eval_report(model, ds, metrics, args.report)
     acc.wait_for_everyone()

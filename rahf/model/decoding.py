@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from .data.format import TAG, clean_prompt, split_words
+from ..schema import TAG, clean_prompt, misaligned_words, split_words  # noqa: F401
 
 __all__ = ["constrained_tagging", "constrained_tag_flags", "word_segments"]
 
@@ -60,7 +60,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @torch.no_grad()
 def constrained_tag_flags(model, out, prompts: Sequence[str], margin: float = 0.0,
                           return_margins: bool = False):
-    """Per prompt: the words (SPEC §1 split) and a misaligned flag per word (see module docstring).
+    """Per prompt: the words (the package's word split) and a misaligned flag per word (see module docstring).
 
     ``out`` is the model's forward output for the same batch (its ``encoder_hidden``/``encoder_mask``
     are the keyword task's encoder states). Returns a list of ``(words, flags)`` (and, with
@@ -135,13 +135,3 @@ def constrained_tagging(model, out, prompts: Sequence[str], margin: float = 0.0)
     """Tagged prompts (``"a yellow_0 cat"``) whose words are exactly each prompt's words, in order."""
     return [" ".join(w + TAG if f else w for w, f in zip(words, flags))
             for words, flags in constrained_tag_flags(model, out, prompts, margin=margin)]
-
-
-def misaligned_words(tagged: Optional[str]) -> list[str]:
-    """The words of a tagged prompt that carry the ``_0`` tag."""
-    from .data.format import parse_tagged
-
-    if not tagged:
-        return []
-    words, flags = parse_tagged(tagged)
-    return [w for w, f in zip(words, flags) if f]

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from .configtools import ConfigError, from_dict, merge, to_dict
+from ..configtools import ConfigError, from_dict, merge, to_dict
+from ..schema import MAP_NAMES, SCORE_NAMES  # noqa: F401  (re-exported for old imports)
 
-SCORE_NAMES = ("plausibility", "alignment", "aesthetics", "overall")
-MAP_NAMES = ("implausibility", "misalignment")
 
 
 @dataclass
@@ -150,7 +149,7 @@ class RAHFConfig:
 
 
 # Named head styles (overrides of ``heatmap_head``/``score_head``), absolute in channels; the output
-# size of every style is patch grid × 16. "repro" is the public reproduction's heads (SPEC §2);
+# size of every style is patch grid × 16. "repro" is the public reproduction's heads;
 # "light" predicts the heatmap at 1/4 size with few channels where the map is large, then upsamples
 # the logits bilinearly ×4 (the annotated maps are soft disks of radius ~1/20 of the image), and
 # narrows the score heads' convs. "light_heatmap": the light heatmap head with the reproduction's score heads.

@@ -19,8 +19,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import MAP_NAMES, SCORE_NAMES
-from .data.format import parse_tagged
+from ..schema import MAP_NAMES, SCORE_NAMES
+from ..schema import parse_tagged
 
 MAP_CMAPS = {"implausibility": "jet", "misalignment": "jet", "mask": "Reds"}
 HIGHLIGHT = (220, 30, 30)
@@ -287,8 +287,8 @@ def write_eval_report(model, ds, metrics: Mapping[str, float], out_dir, max_exam
     """
     import torch
 
-    from .data.torch_data import RAHFCollator
-    from .evaluation import model_inputs, upsample_to
+    from ..data.torch_data import RAHFCollator
+    from .evaluate import model_inputs, upsample_to
     from .metrics import cc as cc_metric
 
     out = Path(out_dir)
@@ -320,7 +320,7 @@ def write_eval_report(model, ds, metrics: Mapping[str, float], out_dir, max_exam
             if decode == "free":
                 preds.extend(model.generate_tagged(o))
             else:
-                from .decoding import constrained_tagging
+                from ..model.decoding import constrained_tagging
 
                 preds.extend(constrained_tagging(model, o, batch["prompts"]))
             targets.extend(batch["tagged_prompts"])

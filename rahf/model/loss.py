@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MAP_NAMES, SCORE_NAMES, LossConfig
+from ..schema import MAP_NAMES, SCORE_NAMES
+from .config import LossConfig
 
 
 class RAHFLoss(nn.Module):

@@ -8,7 +8,7 @@ and JSONL lines starting with ``#`` are skipped. Other fields are kept and copie
 * ``rahf predict --checkpoint DIR (--image PATH --prompt TEXT | --manifest FILE) --out OUT`` writes
   ``OUT/predictions.jsonl`` (one line per image), ``OUT/overlays/*.png`` and ``OUT/index.html``.
 * ``rahf select --checkpoint DIR --manifest FILE --by overall [--threshold T] --out FILE`` groups
-  the candidates by prompt and keeps each prompt's best image when it clears the threshold (SPEC §5
+  the candidates by prompt and keeps each prompt's best image when it clears the threshold (
   data selection); ``FILE`` is JSON (``.json``) or JSONL (one line per prompt group).
 * ``rahf mask --checkpoint DIR --manifest FILE --threshold T --dilate PX --out OUT`` writes an
   inpainting mask per image (0/255 PNG at the image's size) from the implausibility heatmap.
@@ -26,7 +26,9 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import SCORE_NAMES
+from ..reward.masks import heatmap_to_mask
+from ..reward.select import select_best
+from ..schema import SCORE_NAMES  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------ input
@@ -85,7 +87,7 @@ def _inputs(args) -> list[dict]:
 def _scorer(args):
     import torch
 
-    from .scorer import RAHFScorer
+    from ..eval.scorer import RAHFScorer
 
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     return RAHFScorer.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
@@ -109,7 +111,7 @@ def _safe_name(i: int, path: str) -> str:
 
 def _score_rows(scorer, rows: Sequence[dict], batch_size: int, decode, desc: str):
     """Yield (row, PIL image, ScoreResult) for each row, scoring one batch at a time."""
-    from .data.format import load_image
+    from ..data.format import load_image
 
     bar = _progress(len(rows), desc)
     try:
@@ -125,8 +127,8 @@ def _score_rows(scorer, rows: Sequence[dict], batch_size: int, decode, desc: str
 
 # ------------------------------------------------------------------------------------------ predict
 def run_predict(args) -> int:
-    from .config import MAP_NAMES
-    from .report import heatmap_stats, render_overlay, write_predictions_html
+    from ..schema import MAP_NAMES
+    from ..eval.report import heatmap_stats, render_overlay, write_predictions_html
 
     rows = _inputs(args)
     out = Path(args.out)
@@ -151,39 +153,6 @@ def run_predict(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ select
-def select_best(candidates: Sequence[Mapping], by: str = "overall", threshold: Optional[float] = None,
-                min_candidates: int = 1) -> dict:
-    """Best-of-N data selection (SPEC §5). ``candidates``: dicts with ``image``, ``prompt`` and
-    ``scores`` (a dict holding ``by``). Candidates are grouped by prompt (first-seen order); in each
-    group with at least ``min_candidates`` candidates the one with the highest ``scores[by]`` (the
-    first on ties) is kept if ``threshold`` is None or its score is >= ``threshold``.
-
-    Returns ``{"by", "threshold", "kept": [best candidate of each kept group], "groups": [{"prompt",
-    "candidates", "best" (index in the group or None), "kept" (bool), "reason"}]}``.
-    """
-    if by not in SCORE_NAMES:
-        raise ValueError(f"--by must be one of {SCORE_NAMES}, got {by!r}")
-    groups: dict[str, list[Mapping]] = {}
-    for c in candidates:
-        groups.setdefault(c["prompt"], []).append(c)
-    kept, out_groups = [], []
-    for prompt, cands in groups.items():
-        g = {"prompt": prompt, "candidates": [dict(c) for c in cands], "best": None, "kept": False}
-        if len(cands) < min_candidates:
-            g["reason"] = f"fewer than {min_candidates} candidates"
-        else:
-            vals = [float(c["scores"][by]) for c in cands]
-            best = int(np.argmax(vals))
-            g["best"] = best
-            if threshold is None or vals[best] >= threshold:
-                g["kept"], g["reason"] = True, "best clears the threshold" if threshold is not None else "best"
-                kept.append(dict(cands[best]))
-            else:
-                g["reason"] = f"best {by} {vals[best]:.4f} < threshold {threshold}"
-        out_groups.append(g)
-    return {"by": by, "threshold": threshold, "kept": kept, "groups": out_groups}
-
-
 def run_select(args) -> int:
     rows = read_manifest(args.manifest)
     scorer = _scorer(args)
@@ -208,25 +177,10 @@ def run_select(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ mask
-def heatmap_to_mask(heatmap: np.ndarray, threshold: float, dilate: int = 0) -> np.ndarray:
-    """Binary inpainting mask (bool, same shape): pixels with ``heatmap > threshold``, dilated by a
-    disk of radius ``dilate`` pixels (every pixel within Euclidean distance ``dilate`` of a
-    thresholded pixel; computed with ``scipy.ndimage.distance_transform_edt``)."""
-    h = np.asarray(heatmap, dtype=np.float32)
-    if h.ndim != 2:
-        raise ValueError(f"heatmap must be 2-D, got shape {h.shape}")
-    mask = np.nan_to_num(h, nan=0.0) > threshold
-    if dilate and dilate > 0 and mask.any() and not mask.all():
-        from scipy import ndimage
-
-        mask = ndimage.distance_transform_edt(~mask) <= float(dilate)
-    return mask
-
-
 def run_mask(args) -> int:
     from PIL import Image
 
-    from .report import blend
+    from ..eval.report import blend
 
     rows = read_manifest(args.manifest) if args.manifest else _inputs(args)
     out = Path(args.out)

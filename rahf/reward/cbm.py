@@ -1,4 +1,4 @@
-"""Concept-bottleneck reward aggregation (SPEC §5, seeds 000/001).
+"""Concept-bottleneck reward aggregation .
 
 Stage 1 is any set of fine-grained attributes per (image, prompt): RAHF's predicted scores and
 heatmap statistics (:func:`rahf_attributes`), columns of a user's table, or -- in the controlled
@@ -8,8 +8,8 @@ binary target (a score thresholded at e.g. its median, or a user's 0/1 column). 
 weights say which attributes matter; it is saved as plain JSON.
 
 :func:`learning_curve` measures the aggregator against a *coarse* model -- the same logistic
-regression trained directly on frozen image(+prompt) embeddings -- over label budgets (seed 001,
-Fig. 2). :func:`controlled_experiment` reproduces seed 001's Experiment 2 on synth data, whose
+regression trained directly on frozen image(+prompt) embeddings -- over label budgets (the concept-bottleneck paper's
+Fig. 2). :func:`controlled_experiment` reproduces the concept-bottleneck paper's Experiment 2 on synth data, whose
 attributes are known exactly (Fig. 3): a decision-tree target over three attributes; a CBM with the
 right attributes, with extra ones, and with mismatched ones, against a coarse model.
 
@@ -399,7 +399,7 @@ def read_table(path: str | Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the controlled experiment (seed 001, Experiment 2) on synth data
+# the controlled experiment (the concept-bottleneck paper's Experiment 2) on synth data
 # ----------------------------------------------------------------------------------------------
 def image_features(image) -> np.ndarray:
     """Simple frozen image features (no learning): an 8x8 RGB thumbnail (192), HSV statistics,
@@ -469,7 +469,7 @@ class Tree:
 
 
 TREES: dict[str, Tree] = {
-    # image-only, as seed 001's Experiment 2: every attribute is visible in the pixels
+    # image-only, as in the concept-bottleneck paper's Experiment 2: every attribute is visible in the pixels
     "image": Tree("image", ("dull", "artifact", "cluttered"),
                   lambda a: int(not a["artifact"]) if a["dull"] else int(not a["cluttered"]),
                   "dull background? yes -> good iff no artifact; no -> good iff not cluttered"),
@@ -567,8 +567,8 @@ def regenerate_synth(root: str | Path, split: str, entries: Sequence[Mapping]) -
     """Re-create the synth records of ``entries`` (manifest lines) from the dataset's seed and size,
     checking each against its manifest (prompt and tags). Raises ValueError if the data is not
     reproducible synth data."""
-    from .data.format import read_dataset_info
-    from .data.synth import make_record
+    from ..data.format import read_dataset_info
+    from ..data.synth import make_record
 
     info = read_dataset_info(root)
     if info.get("source") != "synth":

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import MAP_NAMES, SCORE_NAMES
+from ..schema import MAP_NAMES, SCORE_NAMES
 from .metrics import MetricAccumulator, heatmap_metrics
 
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "task_ids", "task_mask", "labels")
@@ -39,7 +39,7 @@ def summary_metric(metrics: dict) -> float:
 def evaluate(model, loader, gather: Optional[Callable] = None, decode: Optional[str] = "free",
              max_batches: Optional[int] = None, progress: bool = False, autocast: Optional[Callable] = None,
              loss_fn=None, heatmaps: bool = True) -> dict[str, float]:
-    """Run ``model`` over ``loader`` and compute every metric of SPEC §3 (see ``rahf.metrics``).
+    """Run ``model`` over ``loader`` and compute every metric (see ``rahf.eval.metrics`` and docs/metrics.md).
 
     Per-map metric values are computed where the batch is (predictions upsampled to the ground truth's
     size), then gathered per sample with ``gather`` — so several processes give the same numbers as one.
@@ -96,7 +96,7 @@ def decode_batch(model, out, batch: dict, mode: str) -> list[str]:
     if mode == "free":
         return model.generate_tagged(out)
     if mode == "constrained":
-        from .decoding import constrained_tagging
+        from ..model.decoding import constrained_tagging
 
         return constrained_tagging(model, out, batch["prompts"])
     raise ValueError(f"unknown decode mode {mode!r}; use 'free' or 'constrained'")

@@ -1,4 +1,4 @@
-"""Reward ensembles (SPEC §5, seed 003): several reward models scored together.
+"""Reward ensembles : several reward models scored together.
 
 Given rewards ``R`` of shape (M models, N examples) -- raw, or TextNorm-normalized per model --
 
@@ -8,7 +8,7 @@ Given rewards ``R`` of shape (M models, N examples) -- raw, or TextNorm-normaliz
 
 :func:`ensemble_rewards` builds the whole family (each model, mean, mean - lam*std for each lam)
 for raw and normalized rewards; :func:`ensemble_report` scores them with the ranking metrics of
-:mod:`rahf.textnorm`. Scoring images with checkpoints lives in :mod:`rahf.beyond_cli`.
+:mod:`rahf.reward.textnorm`. Scoring images with checkpoints lives in :mod:`rahf.cli.reward`.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from .config import MAP_NAMES, SCORE_NAMES, RAHFConfig
+from ..schema import MAP_NAMES, SCORE_NAMES, TASKS
+from .config import RAHFConfig
 from .heads import HeatmapHead, ScoreHead
 from .tokenizer import decode_tagged, load_tokenizer
 
-TASKS = MAP_NAMES + SCORE_NAMES + ("keywords",)  # task order of the augmented-prompt variant
+
 FREEZABLE = ("vision", "projection", "embeddings", "text_encoder", "decoder", "heads")
 
 
@@ -35,7 +36,7 @@ class RAHFOutput:
 
 
 class RAHF(nn.Module):
-    """Rich Automatic Human Feedback model (SPEC §2). ``RAHF(config)`` builds random weights, no I/O."""
+    """Rich Automatic Human Feedback model. ``RAHF(config)`` builds random weights, no I/O."""
 
     def __init__(self, config: RAHFConfig, tokenizer=None):
         super().__init__()

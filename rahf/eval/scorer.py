@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import MAP_NAMES, SCORE_NAMES
-from .data.format import clean_prompt, load_image, parse_tagged
-from .data.torch_data import RAHFCollator, image_to_tensor
+from ..schema import MAP_NAMES, SCORE_NAMES
+from ..schema import clean_prompt, load_image, parse_tagged
+from ..data.torch_data import RAHFCollator, image_to_tensor
 
 ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
 DECODE_MODES = ("constrained", "free", None)
@@ -123,7 +123,7 @@ class RAHFScorer:
     def from_pretrained(cls, directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         dtype: Optional[torch.dtype] = None) -> "RAHFScorer":
         """Load a ``save_pretrained`` directory. ``dtype`` (e.g. ``torch.bfloat16``) runs under autocast."""
-        from .model import RAHF
+        from ..model import RAHF
 
         if isinstance(dtype, str):
             dtype = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -155,7 +155,7 @@ class RAHFScorer:
             return [None] * len(prompts)
         with self._autocast():
             if decode == "constrained":
-                from .decoding import constrained_tagging
+                from ..model.decoding import constrained_tagging
 
                 return constrained_tagging(self.model, out, prompts)
             if decode == "free":

@@ -1,7 +1,7 @@
-"""``rahf cbm fit|apply|experiment``, ``rahf textnorm`` and ``rahf ensemble`` (SPEC §5, seeds 000/001/003).
+"""``rahf cbm fit|apply|experiment``, ``rahf textnorm`` and ``rahf ensemble``.
 
-Models are loaded through :class:`rahf.scorer.RAHFScorer`; the math lives in :mod:`rahf.cbm`,
-:mod:`rahf.textnorm` and :mod:`rahf.ensemble`.
+Models are loaded through :class:`rahf.eval.scorer.RAHFScorer`; the math lives in :mod:`rahf.reward.cbm`,
+:mod:`rahf.reward.textnorm` and :mod:`rahf.reward.ensemble`.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ def _floats(s: str) -> list[float]:
 
 
 def _scorer(path: str, device):
-    from .scorer import RAHFScorer
+    from ..eval.scorer import RAHFScorer
 
     return RAHFScorer.from_pretrained(path, device=device)
 
 
 def _records(root: str, split: str, limit: int | None = None):
     """(entries, image paths) of a split in the package's format."""
-    from .data.format import open_dataset
+    from ..data.format import open_dataset
 
     ds = open_dataset(root, split)
     n = len(ds) if not limit else min(limit, len(ds))
@@ -54,7 +54,7 @@ def _write_json(path: str | Path, obj) -> None:
 # ----------------------------------------------------------------------------------------------
 def _checkpoint_rows(args, split: str):
     """Stage-1 attribute rows (+ ground-truth scores) and embeddings of a dataset split."""
-    from .cbm import rahf_attributes
+    from ..reward.cbm import rahf_attributes
 
     entries, paths = _records(args.data, split, args.limit)
     scorer = getattr(args, "_scorer", None) or _scorer(args.checkpoint, args.device)
@@ -80,7 +80,7 @@ def _default_features(rows, args) -> list[str]:
     if args.features:
         return [f for f in args.features.split(",") if f]
     if args.checkpoint:
-        from .cbm import RAHF_ATTRIBUTES
+        from ..reward.cbm import RAHF_ATTRIBUTES
 
         # the predicted score named like the target would make the bottleneck trivial: leave it out
         return [f for f in RAHF_ATTRIBUTES if f != args.target]
@@ -88,8 +88,8 @@ def _default_features(rows, args) -> list[str]:
 
 
 def cmd_cbm_fit(args) -> int:
-    from .cbm import binarize, fit_aggregator, format_curve_table, learning_curve, plot_curves, read_table
-    from .textnorm import roc_auc
+    from ..reward.cbm import binarize, fit_aggregator, format_curve_table, learning_curve, plot_curves, read_table
+    from ..reward.textnorm import roc_auc
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def cmd_cbm_fit(args) -> int:
 
 
 def cmd_cbm_apply(args) -> int:
-    from .cbm import Aggregator, read_table
+    from ..reward.cbm import Aggregator, read_table
 
     agg = Aggregator.load(args.model)
     if args.table:
@@ -183,9 +183,9 @@ def cmd_cbm_apply(args) -> int:
 # rahf cbm experiment
 # ----------------------------------------------------------------------------------------------
 def cmd_cbm_experiment(args) -> int:
-    from .cbm import (SYNTH_ATTRIBUTES, TREES, controlled_experiment, format_curve_table, image_features,
+    from ..reward.cbm import (SYNTH_ATTRIBUTES, TREES, controlled_experiment, format_curve_table, image_features,
                       plot_curves, regenerate_synth, synth_attributes)
-    from .data.format import read_manifest
+    from ..data.format import read_manifest
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def cmd_cbm_experiment(args) -> int:
             f"{res['positive_rate']['eval']:.2f}; features: {res['features']}; {args.seeds} draws per budget; "
             f"stage-2 training: {args.training}\nattribute sets: " +
             "; ".join(f"{k} = {','.join(v)}" for k, v in res["sets"].items()))
-    # the qualitative check of seed 001 (Fig. 3), on budgets with at least 2 draws averaged and the largest
+    # the concept-bottleneck paper's qualitative check (its Fig. 3), on budgets with at least 2 draws averaged and the largest
     c = res["curves"]
     ks = res["budgets"]
     mean = {m: np.nanmean([c[m][k]["mean"] for k in ks]) for m in c}
@@ -239,7 +239,7 @@ def cmd_cbm_experiment(args) -> int:
 # rahf textnorm / rahf ensemble
 # ----------------------------------------------------------------------------------------------
 def _generator(args):
-    from .textnorm import RuleContrast, Vocabulary, default_vocabulary
+    from ..reward.textnorm import RuleContrast, Vocabulary, default_vocabulary
 
     if args.generator:
         mod, _, name = args.generator.partition(":")
@@ -274,7 +274,7 @@ def _contrast_rewards(scorer, images, prompts, contrasts, score: str, batch_size
 def _load_pairs(args):
     from PIL import Image
 
-    from .textnorm import contrast_sets
+    from ..reward.textnorm import contrast_sets
 
     entries, paths = _records(args.data, args.split, args.limit)
     prompts = [e["prompt"] for e in entries]
@@ -288,7 +288,7 @@ def _load_pairs(args):
 
 
 def cmd_textnorm(args) -> int:
-    from .textnorm import format_metric_table, ranking_metrics, textnorm
+    from ..reward.textnorm import format_metric_table, ranking_metrics, textnorm
 
     entries, images, prompts, labels, contrasts = _load_pairs(args)
     scorer = _scorer(args.checkpoint, args.device)
@@ -314,8 +314,8 @@ def cmd_textnorm(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from .ensemble import ensemble_report, ensemble_rewards
-    from .textnorm import format_metric_table
+    from ..reward.ensemble import ensemble_report, ensemble_rewards
+    from ..reward.textnorm import format_metric_table
 
     entries, images, prompts, labels, contrasts = _load_pairs(args)
     raws, cons, names = [], [], []
@@ -410,7 +410,7 @@ def register(subparsers) -> None:
     a.add_argument("--out", help="output JSONL (default stdout)")
     a.set_defaults(func=cmd_cbm_apply)
 
-    e = sub.add_parser("experiment", help="seed 001's controlled experiment on synth data (known attributes)")
+    e = sub.add_parser("experiment", help="the concept-bottleneck paper's controlled experiment on synth data (known attributes)")
     _model_args(e)
     e.add_argument("--data", required=True, help="a synth dataset directory (rahf data synth)")
     e.add_argument("--out", required=True)

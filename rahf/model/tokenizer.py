@@ -23,14 +23,14 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-TAG = "_0"
+from ..schema import TAG
 SPECIAL = ["<pad>", "</s>", "<unk>"]
 _TAG_SPACE = re.compile(r"\s+" + re.escape(TAG) + r"(?=\s|$)")
 
 
 def _base_words() -> list[str]:
     try:
-        from .data.synth import SYNTH_VOCABULARY
+        from ..lexicon import SYNTH_VOCABULARY
     except ImportError:  # pragma: no cover - the generator ships with the package
         SYNTH_VOCABULARY = []
     return list(SYNTH_VOCABULARY)

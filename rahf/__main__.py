@@ -1,0 +1,7 @@
+"""``python -m rahf`` = the ``rahf`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
