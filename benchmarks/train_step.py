@@ -40,9 +40,10 @@ import torch  # noqa: E402
 
 from benchmarks.common import (PeakMemory, autocast, count_flops, gemm_peak, machine_info, print_table,  # noqa: E402
                                setup_threads, sync, write_json)
-from rahf.model.config import HEAD_STYLES, MAP_NAMES, RAHFConfig  # noqa: E402
+from rahf.model import RAHF  # noqa: E402
+from rahf.model.config import HEAD_STYLES, RAHFConfig  # noqa: E402
 from rahf.model.loss import RAHFLoss  # noqa: E402
-from rahf.model import RAHF, TASKS  # noqa: E402
+from rahf.schema import MAP_NAMES, TASKS  # noqa: E402
 
 FLOP_GROUPS = {
     "vision": ("vision", "projection"),

@@ -1,6 +1,6 @@
 """Generate the synthetic dataset; same as ``rahf data synth``.
 
-    python data_tools/make_synth.py --out data/synth --train 2000 --dev 200 --test 200 --size 128 --seed 0
+    python data_tools/make_synth.py --out data/synth --train 3000 --dev 200 --test 300 --size 128 --seed 0
 """
 
 import argparse

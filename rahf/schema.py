@@ -77,6 +77,7 @@ def parse_tagged(tagged: str) -> tuple[list[str], list[bool]]:
         flags.append(bad)
     return words, flags
 
+
 def misaligned_words(tagged: str | None) -> list[str]:
     """The words of a tagged prompt that carry the tag (``[]`` for ``None``)."""
     if not tagged:
@@ -84,25 +85,41 @@ def misaligned_words(tagged: str | None) -> list[str]:
     return [w for w, bad in zip(*parse_tagged(tagged)) if bad]
 
 
+_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def error_text(e: BaseException) -> str:
+    """An exception's message without object addresses (``<_io.BytesIO object at 0x7f...>``), so
+    that error messages and reports are the same from run to run."""
+    return _ADDRESS.sub("", str(e)).strip() or type(e).__name__
+
+
 def _name(path) -> str:
+    """How a message names a file: its directory and name as a manifest writes them (``misalignment/u.png``)."""
     if isinstance(path, (bytes, bytearray)):
         return "(bytes)"
     if isinstance(path, (str, os.PathLike)):
-        return Path(path).name
+        p = Path(path)
+        return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
     return str(getattr(path, "name", "(stream)"))
 
 
 def load_map(path: str | os.PathLike, uid: str | None = None) -> np.ndarray:
-    """Read an 8-bit grayscale PNG heatmap as float32 (H, W) in [0, 1]. Errors name the record.
+    """Read a heatmap file as float32 (H, W) in [0, 1] (pixel / 255). Errors name the record.
 
-    Rules (shared by the loader and the validator): the file decodes, is not a decompression bomb,
-    and is a 2-D single-channel 8-bit ('L') image."""
+    The file must be a PNG (lossless; any other format is an error even when it decodes), not a
+    decompression bomb (over ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, refused from the header), and
+    2-D single-channel 8-bit grayscale (mode 'L'). The dataset loader and the validator both apply
+    this one function."""
     name = _name(path)
     try:
         with Image.open(path) as im:
             w, h = im.size
             if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
                 raise DataError(uid, f"heatmap {name} is a decompression bomb: it declares {w}×{h} pixels")
+            if im.format != "PNG":
+                raise DataError(uid, f"heatmap {name} is a {im.format or 'non-PNG'} file; expected an 8-bit "
+                                     f"grayscale PNG")
             if im.mode != "L":
                 raise DataError(uid, f"heatmap {name} has mode {im.mode!r}; expected 2-D single-channel "
                                      f"8-bit grayscale 'L'")
@@ -112,8 +129,10 @@ def load_map(path: str | os.PathLike, uid: str | None = None) -> np.ndarray:
         raise
     except FileNotFoundError:
         raise DataError(uid, f"heatmap file missing: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(uid, f"heatmap {name} is a decompression bomb: {e}") from e
     except Exception as e:  # PIL raises many kinds
-        raise DataError(uid, f"heatmap {name} does not decode: {e}") from e
+        raise DataError(uid, f"heatmap {name} does not decode: {error_text(e)}") from e
     return arr
 
 
@@ -144,4 +163,24 @@ def load_image(path: str | os.PathLike | bytes | BinaryIO, uid: str | None = Non
     except Image.DecompressionBombError as e:
         raise DataError(uid, f"image {name} is a decompression bomb: {e}") from e
     except Exception as e:
-        raise DataError(uid, f"image {name} does not decode: {e}") from e
+        raise DataError(uid, f"image {name} does not decode: {error_text(e)}") from e
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """A PIL RGB image from an array: HWC, HW or CHW (1, 3 or 4 channels; alpha dropped); uint8 as
+    0–255; any other dtype read as [0, 1] floats (scaled by 255) unless its maximum is above 1 (then
+    read as 0–255); NaN becomes 0. The scorer and the HTTP client both use this one rule."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.transpose(a, (1, 2, 0))  # CHW -> HWC
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ValueError(f"cannot read an image from an array of shape {np.shape(array)}")
+    if a.dtype != np.uint8:
+        a = a.astype(np.float32)
+        if a.size and np.nanmax(a) <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+

@@ -105,6 +105,22 @@ def heatmap_16bit(d, e):
     _map(d, e).write_bytes(buf.getvalue())
 
 
+def heatmap_jpeg(d, e):  # mode 'L' and decodes, but lossy: not the format's PNG
+    buf = io.BytesIO()
+    Image.open(_map(d, e)).save(buf, format="JPEG", quality=95)
+    _map(d, e).unlink()
+    e["implausibility_map"] = f"implausibility/{e['uid']}.jpg"
+    _map(d, e).write_bytes(buf.getvalue())
+
+
+def escaping_path(d, e):
+    e["image"] = "../" + e["image"]
+
+
+def image_min_side(d, e):  # exactly the smallest side allowed
+    _write_image(d, e, _png(np.full((8, 40, 3), 128, np.uint8)), "png")
+
+
 def heatmap_palette(d, e):
     buf = io.BytesIO()
     Image.open(_map(d, e)).convert("P").save(buf, format="PNG")
@@ -153,12 +169,16 @@ KINDS: dict[str, tuple[Callable, str, str, str]] = {
     "image_rgba": (_convert_image("RGBA", "PNG", "png"), "file", "ok", ""),
     "image_cmyk": (_convert_image("CMYK", "JPEG", "jpg"), "file", "ok", ""),
     "image_grayscale": (_convert_image("L", "PNG", "png"), "file", "ok", ""),
+    "image_webp": (_convert_image("RGB", "WEBP", "webp"), "file", "ok", ""),
+    "image_min_side": (image_min_side, "file", "ok", ""),
     "image_1x1": (image_1x1, "file", "load", r"is 1×1, smaller than 8×8"),
     "decompression_bomb": (decompression_bomb, "file", "load", r"decompression bomb"),
     "heatmap_wrong_size": (heatmap_wrong_size, "file", "load", r"heatmaps differ in size"),
     "heatmap_rgb": (heatmap_rgb, "file", "load", r"mode 'RGB'"),
     "heatmap_16bit": (heatmap_16bit, "file", "load", r"mode 'I;16"),
     "heatmap_palette": (heatmap_palette, "file", "load", r"mode 'P'"),
+    "heatmap_jpeg": (heatmap_jpeg, "file", "load", r"is a JPEG file; expected an 8-bit grayscale PNG"),
+    "escaping_path": (escaping_path, "file", "load", r"leaves the split directory"),
     "missing_image": (missing_image, "file", "load", r"image file missing"),
     "missing_heatmap": (missing_heatmap, "file", "load", r"heatmap file missing"),
     "nan_score": (_scores("overall", float("nan")), "manifest", "manifest", r"not a finite number: nan"),

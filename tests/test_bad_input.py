@@ -1,6 +1,6 @@
 """Bad input: every kind of the corpus (tests/badcorpus.py) gives a clear error naming the record, or
-with data.on_bad_record=skip a counted, listed skip; the validator lists them all; the converter's
-report covers the kinds that apply to it."""
+with data.on_bad_record=skip a counted, listed skip; the validator flags exactly the records that do
+not load, with the loader's own message; the converter's report covers the kinds that apply to it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from PIL import Image
 from badcorpus import BAD_KINDS, KINDS, bomb_png, build
 from rahf.cli import main as rahf_main
 from rahf.data.format import DataError, load_image, load_map, open_dataset
+from rahf.data.validate import validate_dataset
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset
 from rahf.training.config import resolve_config
 from rahf.training.trainer import Trainer, main as train_main
@@ -100,6 +101,7 @@ def small(root, out, name, *extra):
             "optim.warmup_steps=1", "eval.every=0", "checkpoint.every=0", "eval.test_at_end=false", *SHRINK, *extra]
 
 
+@pytest.mark.slow
 def test_training_with_skip_counts_and_lists_every_bad_record(corpus, tmp_path, capsys):
     root, cases = corpus
     dev = root / "dev"
@@ -134,6 +136,7 @@ def test_training_with_skip_counts_and_lists_every_bad_record(corpus, tmp_path, 
     assert {cases[k].uid for k in ("image_rgba", "image_cmyk", "image_grayscale")} <= trained
 
 
+@pytest.mark.slow
 def test_max_bad_fraction_stops_a_mostly_broken_run(corpus, tmp_path):
     root, _ = corpus
     total = len(KINDS) + 6
@@ -147,6 +150,7 @@ def test_max_bad_fraction_stops_a_mostly_broken_run(corpus, tmp_path):
                                            "data.max_bad_fraction=0.5", "train.max_steps=20"))).train()
 
 
+@pytest.mark.slow
 def test_error_mode_training_names_the_record(base, tmp_path, capsys):
     cases = build(tmp_path / "ds", base, kinds=["truncated_jpeg"])
     rc = train_main(small(tmp_path / "ds", tmp_path, "err", "train.max_steps=20"))
@@ -171,6 +175,62 @@ def test_validate_lists_every_corpus_problem(corpus, capsys):
             assert hits, (c.kind, out)
 
 
+def _load_outcomes(root) -> dict[int, str | None]:
+    """Per train manifest line: the loader's problem with the record, or None when it loads."""
+    split = open_dataset(root, "train", on_bad_record="skip")
+    out: dict[int, str | None] = {int(e.where.rsplit(":", 1)[1]): e.problem for e in split.bad}
+    for i, entry in enumerate(split.entries):
+        try:
+            split[i]
+            out[entry["_line"]] = None
+        except DataError as e:
+            out[entry["_line"]] = e.problem
+    return out
+
+
+@pytest.mark.parametrize("declared", [None, 64, 32], ids=["no_heatmap_size", "heatmap_size_64", "heatmap_size_32"])
+def test_validator_passes_exactly_what_loads(base, tmp_path, declared):
+    root = tmp_path / "ds"
+    cases = build(root, base)
+    if declared is not None:  # the corpus' maps are 64×64 (one is 20×20): 32 makes every record bad
+        info = json.loads((root / "dataset.json").read_text())
+        (root / "dataset.json").write_text(json.dumps({**info, "heatmap_size": declared}))
+    loaded = _load_outcomes(root)
+    assert sorted(loaded) == list(range(1, len(KINDS) + 7))  # every line accounted for
+    report = validate_dataset(root, ["train"])
+    assert all(p.line is not None for p in report.problems), [str(p) for p in report.problems]
+    flagged: dict[int, list[str]] = {}
+    for p in report.problems:
+        flagged.setdefault(p.line, []).append(p.message)
+    failing = {line for line, problem in loaded.items() if problem}
+    assert set(flagged) == failing  # passes the validator <=> loads
+    for line in failing:  # the same rule, so the same words
+        head = loaded[line].split(" (")[0]
+        assert any(m.startswith(head) for m in flagged[line]), (line, loaded[line], flagged[line])
+    ok = {c.line for c in cases.values() if c.stage == "ok"}
+    if declared == 32:
+        assert failing == set(loaded)
+    else:
+        assert failing == {c.line for c in cases.values() if c.stage != "ok"} and not ok & failing
+
+
+def test_bad_dataset_json_is_an_error_for_loader_and_validator(base, tmp_path):
+    root = tmp_path / "ds"
+    build(root, base, kinds=[])
+    info = json.loads((root / "dataset.json").read_text())
+    for bad, problem in (({**info, "heatmap_size": "64"}, "heatmap_size must be a positive integer, got '64'"),
+                         ({**info, "heatmap_size": 0}, "heatmap_size must be a positive integer, got 0")):
+        (root / "dataset.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=re.escape(problem)) as ei:
+            open_dataset(root, "train", on_bad_record="skip")
+        assert "dataset.json" in str(ei.value)
+        assert [(p.uid, p.message) for p in validate_dataset(root).problems] == [("dataset.json", problem)]
+    (root / "dataset.json").write_text("{not json")
+    with pytest.raises(DataError, match="dataset.json: does not parse"):
+        open_dataset(root, "train")
+    assert [p.uid for p in validate_dataset(root).problems] == ["dataset.json"]
+
+
 def test_loader_functions_directly(tmp_path):
     p = tmp_path / "bomb.png"
     p.write_bytes(bomb_png())
@@ -182,6 +242,11 @@ def test_loader_functions_directly(tmp_path):
         load_map(m, "u1")
     Image.fromarray(np.full((4, 5), 255, np.uint8), mode="L").save(m)
     assert load_map(m).shape == (4, 5) and load_map(m).max() == 1.0
+    for fmt in ("JPEG", "BMP", "TIFF"):  # mode 'L', decodes, but not PNG
+        Image.fromarray(np.full((4, 5), 255, np.uint8), mode="L").save(m, format=fmt)
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path.name}/m.png is a {fmt} file; expected an 8-bit "
+                                                      f"grayscale PNG")):
+            load_map(m, "u1")
     rgba = tmp_path / "a.png"
     Image.new("RGBA", (9, 9), (10, 20, 30, 0)).save(rgba)
     assert load_image(rgba).mode == "RGB" and load_image(rgba).getpixel((0, 0)) == (10, 20, 30)

@@ -7,7 +7,7 @@ import pytest
 
 from rahf.reward.cbm import (Aggregator, TREES, binarize, class_weights, controlled_experiment, fit_aggregator, fit_logistic,
                       format_curve_table, learning_curve, plot_curves, rahf_attributes)
-from rahf.reward.textnorm import roc_auc
+from rahf.eval.metrics import roc_auc
 
 
 def _linear_data(n=2000, seed=0):

@@ -338,13 +338,52 @@ def test_keyword_metrics_pooled_and_per_prompt():
 
 
 def test_keyword_metrics_degenerate():
+    # nothing tagged, nothing to tag: every pooled rate is 0/0, undefined; per prompt scores 0
     r = keyword_metrics(["a cat", "a dog"], ["a cat", "a dog"])
-    assert r["precision"] == r["recall"] == r["f1"] == 0.0
+    assert math.isnan(r["precision"]) and math.isnan(r["recall"]) and math.isnan(r["f1"])
     assert r["per_prompt_f1"] == 0.0
+    # nothing tagged but targets have tags: precision undefined, recall and F1 = 0
+    r = keyword_metrics(["a cat", "a dog"], ["a cat_0", "a dog"])
+    assert math.isnan(r["precision"]) and r["recall"] == 0.0 and r["f1"] == 0.0
+    # tags predicted, none in the targets: recall undefined, precision and F1 = 0
+    r = keyword_metrics(["a cat_0"], ["a cat"])
+    assert r["precision"] == 0.0 and math.isnan(r["recall"]) and r["f1"] == 0.0
     r = keyword_metrics([], [])
     assert math.isnan(r["f1"]) and r["n"] == 0
     with pytest.raises(ValueError):
         keyword_metrics(["a"], [])
+
+
+def test_unavailable_metrics_have_reasons():
+    acc = MetricAccumulator()
+    true = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 0.2, 0.1, 0.3]], dtype=torch.float64)
+    pred = true.clone()
+    pred[:, 1] = 0.5123  # constant alignment predictions
+    gt = torch.zeros(3, 4, 4)  # no non-empty ground truth at all
+    acc.update(pred, true, {"implausibility": torch.rand(3, 4, 4)}, {"implausibility": gt},
+               ["a cat", "a dog", "x"], ["a cat_0", "a dog", "x"])
+    out = acc.compute()
+    why = acc.unavailable(out)
+    assert set(why) == {k for k, v in out.items() if math.isnan(v)}
+    assert why["score/plcc/alignment"] == why["score/srcc/alignment"] == "constant predictions (all 0.5123)"
+    assert math.isfinite(out["score/plcc/overall"]) and "score/plcc/overall" not in why
+    for k in ("cc", "kld", "sim", "nss", "auc_judd"):
+        assert why[f"heatmap/{k}/implausibility"] == "no example with a non-empty ground-truth map (all 3 are empty)"
+    assert "heatmap/mse_gt0/implausibility" not in why
+    assert why["keyword/precision"] == "no word tagged misaligned in the 3 predictions"
+    assert out["keyword/recall"] == 0.0 and "keyword/recall" not in why
+    # the tables say n/a with the reason; other cells keep their numbers
+    text = format_tables(out, why)
+    assert "n/a (constant predictions (all 0.5123))" in text
+    assert "n/a (no word tagged misaligned in the 3 predictions)" in text
+    assert f"{out['score/plcc/overall']:.3f}" in text and "nan" not in text
+    # a ground truth covering every pixel: AUC-Judd alone is undefined
+    acc = MetricAccumulator()
+    acc.update(pred_maps={"implausibility": torch.rand(2, 3, 3)}, true_maps={"implausibility": torch.ones(2, 3, 3)})
+    why = acc.unavailable()
+    assert set(why) == {"heatmap/auc_judd/implausibility", "heatmap/mse_gt0/implausibility"}
+    assert "covers the whole map" in why["heatmap/auc_judd/implausibility"]
+    assert MetricAccumulator().unavailable() == {}
 
 
 # --------------------------------------------------------------------------------------------------

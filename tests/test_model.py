@@ -109,3 +109,80 @@ def test_unknown_preset_and_bad_geometry():
         rahf.RAHFConfig.preset("huge")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         rahf.RAHF(rahf.RAHFConfig.preset("tiny", vision={"img_size": 120}))
+
+
+# ----------------------------------------------------------------------------- config: defaults, head styles
+from rahf.configtools import ConfigError, to_dict  # noqa: E402
+from rahf.model.config import HEAD_STYLES, PRESETS, RAHFConfig  # noqa: E402
+
+
+def test_default_config_is_the_tiny_preset():
+    cfg = RAHFConfig()
+    assert cfg == RAHFConfig.preset("tiny")
+    assert cfg.preset == "tiny" and cfg.head_style == "tiny" and cfg.heatmap_size == 64
+    assert RAHFConfig.from_dict({}) == cfg
+    assert json.loads(json.dumps(cfg.to_dict()))["preset"] == "tiny"  # every default serialises
+    assert list(cfg.task_prompts) == list(rahf.schema.TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_records_its_head_style(name, tmp_path):
+    cfg = RAHFConfig.preset(name)
+    style = {"tiny": "tiny", "paper": "light", "large384": "light"}[name]
+    assert cfg.head_style == style
+    assert to_dict({"heatmap_head": cfg.heatmap_head, "score_head": cfg.score_head}) == to_dict(HEAD_STYLES[style])
+    cfg.save(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["head_style"] == style
+    assert RAHFConfig.load(tmp_path / "config.json") == cfg
+
+
+def test_head_style_is_applied_and_kept_truthful():
+    repro = RAHFConfig.preset("paper", head_style="repro")
+    assert repro.head_style == "repro" and repro.heatmap_head.up_channels == (768, 384, 384, 192)
+    assert repro.score_head.channels == () and repro.heatmap_size == 224
+    assert RAHFConfig.preset("tiny", head_style="light_heatmap").score_head == repro.score_head
+    # head keys next to a style apply on top of it; heads that are no style are "custom"
+    edited = RAHFConfig.preset("paper", head_style="repro", heatmap_head={"upsample": 2})
+    assert edited.head_style == "custom" and edited.heatmap_head.upsample == 2
+    assert edited.heatmap_head.up_channels == (768, 384, 384, 192)
+    assert RAHFConfig.preset("tiny", score_head={"mlp": [32]}).head_style == "custom"
+    # editing the heads back to a style's reads as that style
+    assert RAHFConfig.preset("tiny", **HEAD_STYLES["light"]).head_style == "light"
+    # a hand-edited config.json whose heads no longer match its head_style loads as custom
+    data = repro.to_dict()
+    data["score_head"]["mlp"] = [64, 32]
+    assert RAHFConfig.from_dict(data).head_style == "custom"
+    assert repro.replace(heatmap_head={"upsample": 2}).head_style == "custom"
+    assert repro.replace(head_style="light") == RAHFConfig.preset("paper")
+    with pytest.raises(ConfigError, match="head_style='repro', but heatmap_head/score_head are not that style's"):
+        RAHFConfig(head_style="repro")  # a claim the (tiny) heads contradict
+    with pytest.raises(ConfigError, match="unknown style 'huge'"):
+        RAHFConfig.preset("tiny", head_style="huge")
+
+
+@pytest.mark.parametrize("name,overrides,style", [("paper", {}, "light"), ("paper", {"head_style": "repro"}, "repro"),
+                                                  ("tiny", {}, "tiny"),
+                                                  ("tiny", {"heatmap_head": {"upsample": 1}}, "custom")])
+def test_config_json_without_head_style_still_loads(name, overrides, style):
+    cfg = RAHFConfig.preset(name, **overrides)
+    old = json.loads(json.dumps(cfg.to_dict()))
+    del old["head_style"]  # as written before the field existed
+    loaded = RAHFConfig.from_dict(old)
+    assert loaded == cfg and loaded.head_style == style
+
+
+def test_checkpoint_without_head_style_loads(tmp_path):
+    torch.manual_seed(0)
+    cfg = RAHFConfig.preset("tiny", heatmap_head={"upsample": 1})
+    model = rahf.RAHF(cfg).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["head_style"] == "custom"
+    del saved["head_style"]
+    path.write_text(json.dumps(saved))
+    loaded = rahf.RAHF.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.heatmap_head == cfg.heatmap_head and loaded.config.head_style == "custom"
+    batch = RAHFCollator.for_model(model)(fake_items(cfg))
+    with torch.no_grad():
+        assert torch.equal(model(**tensors(batch)).scores, loaded(**tensors(batch)).scores)

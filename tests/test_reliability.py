@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from rahf.configtools import ConfigError
-from rahf.training import checkpoint as ckpt_mod
-from rahf.training.checkpoint import CheckpointManager, parse_faults
+from rahf.training import faults as faults_mod
+from rahf.training.checkpoint import CheckpointManager
+from rahf.training.faults import parse_faults
 from rahf.training.config import resolve_config
 from rahf.training.trainer import Trainer, main as train_main
 
@@ -73,6 +74,7 @@ def steps_of(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_kills_at_every_point_then_resume_gives_identical_weights_and_steps(data, reference, tmp_path):
     run = tmp_path / "pieces"
     mgr = CheckpointManager(run / "checkpoints")
@@ -106,6 +108,7 @@ def test_kills_at_every_point_then_resume_gives_identical_weights_and_steps(data
     assert steps_of(run) == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_cleanly_and_resumes_identically(data, reference, tmp_path):
     env = {**ENV, "RAHF_FAULT": "stall@3"}  # step 3 done, then wait for the signal (no timing race)
     cmd = [sys.executable, str(ROOT / "train.py"), *args(data, tmp_path, "term")]
@@ -133,7 +136,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_identically(data, referen
 
 @pytest.fixture()
 def fault_env(monkeypatch):
-    monkeypatch.setattr(ckpt_mod, "_fired", set())
+    monkeypatch.setattr(faults_mod, "_fired", set())
 
     def set_fault(spec):
         monkeypatch.setenv("RAHF_FAULT", spec)
@@ -145,18 +148,21 @@ def quick(data, out, name, *extra):
                 *extra)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_uids(data, tmp_path, fault_env):
     fault_env("nan_loss@3")
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 .*batch uids: \['synth-train-\d+'"):
         Trainer(resolve_config(None, quick(data, tmp_path, "nan"))).train()
 
 
+@pytest.mark.slow
 def test_nan_gradient_stops_with_or_without_clipping(data, tmp_path, fault_env):
     fault_env("nan_grad@2")
     with pytest.raises(FloatingPointError, match=r"non-finite gradient norm at step 2 .*batch uids: \['synth"):
         Trainer(resolve_config(None, quick(data, tmp_path, "g0", "optim.grad_clip=0"))).train()
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_skips_the_step_and_logs_it(data, tmp_path, fault_env):
     fault_env("nan_loss@2")
     res = Trainer(resolve_config(None, quick(data, tmp_path, "skip", "train.on_nonfinite=skip"))).train()
@@ -167,6 +173,7 @@ def test_nonfinite_skip_skips_the_step_and_logs_it(data, tmp_path, fault_env):
     assert steps_of(tmp_path / "skip") == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_force_resume_and_tampered_optimizer_state(data, tmp_path, capsys):
     first = Trainer(resolve_config(None, quick(data, tmp_path, "f", "train.stop_after_steps=2"))).train()
     assert first["interrupted"] and first["step"] == 2
@@ -213,7 +220,7 @@ def test_half_written_checkpoints_are_never_picked(tmp_path):
 
 def test_fault_hook_parsing_and_zero_cost_when_unset(monkeypatch):
     monkeypatch.delenv("RAHF_FAULT", raising=False)
-    assert ckpt_mod.fault("mid_step", 1) is False
+    assert faults_mod.fault("mid_step", 1) is False
     assert parse_faults("mid_step@3, nan_loss@2") == [("mid_step", 3), ("nan_loss", 2)]
     with pytest.raises(ValueError, match="unknown fault point 'mid_stp'"):
         parse_faults("mid_stp@3")
@@ -229,6 +236,12 @@ def test_weights_and_state_are_loaded_safely():
         for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
             assert "weights_only=True" in m.group(1), (p, m.group(0))
         assert not re.search(r"\bpickle\.loads?\(|joblib\.load\(", text), p
+
+
+def test_checkpoints_use_only_accelerates_public_api():
+    """Checkpoint I/O names the objects it saves; it reads no private attribute of the accelerator."""
+    for p in (ROOT / "rahf" / "training").glob("*.py"):
+        assert not re.search(r"accelerator\._|\bacc\._", p.read_text()), p
 
 
 # ----------------------------------------------------------------------------- config errors, fail fast

@@ -11,7 +11,7 @@ from rahf.model.config import MAP_NAMES, SCORE_NAMES
 from rahf.data.format import open_dataset, parse_tagged, split_words
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset
 from rahf.model.decoding import constrained_tag_flags, constrained_tagging
-from rahf.eval.evaluate import model_inputs
+from rahf.eval.predict import DEFAULT_DECODE, decode_tagged, predict_batch
 
 PROMPTS = ["a yellow cat on a red mat", "Zebra!! qux foo_bar 42", "x", "the   blue, square; and: one?",
            "supercalifragilistic wordsthatarenotinthevocabulary x_1 tags", ""]
@@ -31,11 +31,12 @@ def test_scores_equal_evaluation_path(scorer, synth_root):
     cfg = model.config
     ds = RAHFTorchDataset(split, cfg.vision.img_size, cfg.heatmap_size, cfg.vision.mean, cfg.vision.std)
     batch = RAHFCollator.for_model(model)([ds[i] for i in range(n)])
-    with torch.no_grad():
-        out = model(**model_inputs(batch))
-    from rahf.eval.evaluate import decode_batch
-
-    tagged_eval = decode_batch(model, out, batch, "constrained")
+    pred = predict_batch(model, batch)
+    out = pred.output
+    tagged_eval = pred.tagged
+    assert pred.decode == DEFAULT_DECODE == "constrained"
+    assert tagged_eval == decode_tagged(model, out, batch["prompts"], "constrained")
+    assert pred.heatmaps["implausibility"].shape[-1] == cfg.heatmap_size  # model resolution
     paths = [split.path(i, "image") for i in range(n)]
     res = scorer.score(paths, [split.entries[i]["prompt"] for i in range(n)], batch_size=n)
     got = np.array([[r.scores[s] for s in SCORE_NAMES] for r in res])

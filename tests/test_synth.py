@@ -258,3 +258,23 @@ def test_regenerating_replaces_old_records(tmp_path):
     generate(tmp_path / "d", train=3, dev=0, test=0, size=32, workers=1)
     assert len(list((tmp_path / "d" / "train" / "images").iterdir())) == 3
     assert len(open_dataset(tmp_path / "d", "train")) == 3
+
+
+def test_split_sizes_are_defined_once():
+    import argparse
+    import dataclasses
+    import inspect
+
+    from rahf.cli.data import add_synth_arguments
+    from rahf.data.synth import SYNTH_DEFAULTS, SynthConfig
+    from rahf.training.config import TrainConfig
+
+    want = dataclasses.asdict(SYNTH_DEFAULTS)
+    assert want == {"train": 3000, "dev": 200, "test": 300, "size": 128, "seed": 0}  # the README's default job
+    assert TrainConfig().data.synth == SYNTH_DEFAULTS == SynthConfig()
+    params = inspect.signature(generate).parameters
+    assert {k: params[k].default for k in want} == want
+    p = argparse.ArgumentParser()
+    add_synth_arguments(p)
+    args = p.parse_args(["--out", "x"])
+    assert {k: getattr(args, k) for k in want} == want

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau, spearmanr
 
-from rahf.reward.textnorm import (RuleContrast, Vocabulary, ap_at_k, average_precision, contrast_sets, default_vocabulary,
-                           kendall_tau, log_textnorm, ranking_metrics, roc_auc, spearman, textnorm)
+import rahf.reward.textnorm as textnorm_module
+from rahf.eval.metrics import ap_at_k, average_precision, kendall_tau, ranking_metrics, roc_auc, srcc
+from rahf.reward.textnorm import RuleContrast, Vocabulary, contrast_sets, default_vocabulary, log_textnorm, textnorm
 
 
 # ------------------------------------------------------------------ the normalized reward
@@ -59,12 +60,24 @@ def test_correlations_match_scipy():
     for _ in range(5):
         a = rng.integers(0, 6, 40).astype(float)  # many ties
         b = (rng.random(40) < 0.5).astype(float)
-        assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+        assert srcc(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
         assert kendall_tau(a, b) == pytest.approx(kendalltau(a, b).statistic, abs=1e-12)
         c = rng.normal(size=40)
         assert kendall_tau(c, a) == pytest.approx(kendalltau(c, a).statistic, abs=1e-12)
+    # by hand: pairs of (1, 2, 3) vs (1, 3, 2): 2 concordant, 1 discordant, no ties -> 1/3
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3])) and math.isnan(kendall_tau([1], [2]))
     m = ranking_metrics([3, 2, 1, 0], [1, 1, 0, 0], ks=(2,))
     assert m["auroc"] == 1 and m["auprc"] == 1 and m["ap@2"] == 1 and m["kendall"] == pytest.approx(kendalltau([3, 2, 1, 0], [1, 1, 0, 0]).statistic)
+    assert m["spearman"] == pytest.approx(spearmanr([3, 2, 1, 0], [1, 1, 0, 0]).statistic)
+
+
+def test_textnorm_reexports_the_one_implementation():
+    import rahf.eval.metrics as metrics
+
+    for name in ("roc_auc", "average_precision", "ap_at_k", "kendall_tau", "ranking_metrics"):
+        assert getattr(textnorm_module, name) is getattr(metrics, name)
+    assert textnorm_module.spearman is metrics.srcc and textnorm_module.METRIC_NAMES == metrics.RANKING_METRICS
 
 
 # ------------------------------------------------------------------ contrastive prompts

@@ -38,6 +38,7 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_train_py_end_to_end_with_overrides(synth_root, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), *small(synth_root, tmp_path, "e2e", "train.max_steps=6",
                                                           "eval.every=3", "checkpoint.every=3", "optim.lr=2e-3")]
@@ -77,6 +78,7 @@ def _train(args):
     return Trainer(resolve_config(None, args), resume="latest").train()
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_path):
     common = ["train.max_steps=8", "checkpoint.every=4", "eval.every=0", "eval.test_at_end=false",
               "train.grad_accum=2", "train.deterministic=true", "checkpoint.keep_last=5"]
@@ -97,6 +99,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synth_root, tmp_p
                 resume="latest").train()
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_stay_in_sync_and_evaluate_like_one(synth_root, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/cpu_2proc.yaml")]
     cmd = launch + [str(ROOT / "tests/dist_train_check.py"), str(tmp_path / "digests"),
@@ -129,6 +132,7 @@ def test_two_cpu_processes_stay_in_sync_and_evaluate_like_one(synth_root, tmp_pa
             assert abs(one[k] - two[k]) < 1e-4, (k, one[k], two[k])  # float32 batch-size effects only
 
 
+@pytest.mark.slow
 def test_tensorboard_tracker_and_augmented_variant(synth_root, tmp_path):
     args = small(synth_root, tmp_path, "tb", "train.max_steps=2", "eval.every=0", "checkpoint.every=0",
                  "eval.test_at_end=false", "model.variant=augmented_prompt")

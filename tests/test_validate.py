@@ -1,4 +1,5 @@
-"""The dataset validator: a fresh synth dataset passes; each kind of corruption is caught and named."""
+"""The dataset validator: a fresh synth dataset passes; each kind of corruption is caught and named,
+in the dataset loader's words (tests/test_bad_input.py checks that it flags exactly what fails to load)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from badcorpus import bomb_png
 from rahf.cli import main as rahf_main
 from rahf.data.synth import generate
 from rahf.data.validate import validate_dataset
@@ -67,18 +69,30 @@ def _nan_score(root, i):
 
 
 def _missing_map(root, i):
-    (root / "train" / "misalignment" / f"{_uid(i)}.png").unlink()
-    return "misalignment map file missing"
+    path = root / "train" / "misalignment" / f"{_uid(i)}.png"
+    path.unlink()
+    return f"heatmap file missing: {path}"
 
 
 def _tiny_image(root, i):
     Image.new("RGB", (4, 4)).save(root / "train" / "images" / f"{_uid(i)}.png")
-    return "too small"
+    return f"image images/{_uid(i)}.png is 4×4, smaller than 8×8"
 
 
 def _odd_map_size(root, i):
     Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(root / "train" / "misalignment" / f"{_uid(i)}.png")
-    return "16x16"
+    return "heatmaps differ in size: implausibility 32×32, misalignment 16×16"
+
+
+def _jpeg_map(root, i):  # decodes as 8-bit gray, but JPEG bytes under a .png name: the format is checked
+    Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(root / "train" / "implausibility" / f"{_uid(i)}.png",
+                                                            format="JPEG")
+    return f"heatmap implausibility/{_uid(i)}.png is a JPEG file; expected an 8-bit grayscale PNG"
+
+
+def _bomb_image(root, i):
+    (root / "train" / "images" / f"{_uid(i)}.png").write_bytes(bomb_png())
+    return "decompression bomb"
 
 
 def _bad_tags(root, i):
@@ -99,8 +113,8 @@ def _escaping_path(root, i):
     return "leaves the split directory"
 
 
-CORRUPTIONS = [_truncate_image, _rgb_heatmap, _nan_score, _missing_map, _tiny_image, _odd_map_size, _bad_tags,
-               _escaping_path]
+CORRUPTIONS = [_truncate_image, _rgb_heatmap, _nan_score, _missing_map, _tiny_image, _odd_map_size, _jpeg_map,
+               _bomb_image, _bad_tags, _escaping_path]
 
 
 def test_fresh_dataset_passes(pristine, capsys):
@@ -123,6 +137,20 @@ def test_each_corruption_is_caught_and_named(ds, capsys, corrupt):
     assert all(line.startswith(f"train {_uid(4)}: ") for line in problem_lines), out
     assert any(expected in line for line in problem_lines), out
     assert "FAILED" in out.strip().splitlines()[-1]
+    assert {p.line for p in validate_dataset(ds).problems} == {5}  # record 4 is on line 5
+
+
+def test_declared_heatmap_size(ds, capsys):
+    info = json.loads((ds / "dataset.json").read_text())
+    (ds / "dataset.json").write_text(json.dumps({**info, "heatmap_size": 32}))  # the synth maps' size
+    assert validate_dataset(ds).ok
+    (ds / "dataset.json").write_text(json.dumps({**info, "heatmap_size": 16}))
+    report = validate_dataset(ds)
+    assert len(report.problems) == report.records == 15
+    assert all(p.message == "heatmaps are 32×32; dataset.json declares heatmap_size 16" for p in report.problems)
+    (ds / "dataset.json").write_text(json.dumps({**info, "heatmap_size": 32.5}))
+    rc, out = _run(ds, capsys)
+    assert rc == 1 and "- dataset.json: heatmap_size must be a positive integer, got 32.5" in out
 
 
 def test_bad_json_and_bad_utf8_lines_are_reported_with_line_numbers(ds, capsys):

@@ -11,6 +11,8 @@ module                 commands
 ``rahf.cli.train``     ``train``, ``eval``
 ``rahf.cli.predict``   ``predict``, ``select``, ``mask``
 ``rahf.cli.reward``    ``cbm``, ``textnorm``, ``ensemble``
+``rahf.cli.hub``       ``push``
+``rahf.cli.serve``     ``serve``
 =====================  ================================================================
 """
 
@@ -19,7 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import data, predict, reward, train
+from .._extras import MissingExtra
+from . import data, hub, predict, reward, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     data_parser = sub.add_parser("data", help="generate, convert and validate datasets")
     data.register(data_parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND"))
-    for module in (train, predict, reward):
+    for module in (train, predict, reward, hub, serve):
         module.register(sub)
     return parser
 
@@ -39,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    rc = func(args)
+    try:
+        rc = func(args)
+    except MissingExtra as e:  # an optional library the command needs: one line naming the pip install
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

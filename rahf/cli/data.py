@@ -34,12 +34,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def add_synth_arguments(p: argparse.ArgumentParser) -> None:
+    from ..data.synth import SYNTH_DEFAULTS as d
+
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--train", type=int, default=2000, help="train records (default 2000)")
-    p.add_argument("--dev", type=int, default=200, help="dev records (default 200)")
-    p.add_argument("--test", type=int, default=200, help="test records (default 200)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--train", type=int, default=d.train, help=f"train records (default {d.train})")
+    p.add_argument("--dev", type=int, default=d.dev, help=f"dev records (default {d.dev})")
+    p.add_argument("--test", type=int, default=d.test, help=f"test records (default {d.test})")
+    p.add_argument("--size", type=int, default=d.size, help=f"image side in pixels (default {d.size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--workers", type=int, default=None, help="processes (default min(4, CPUs)); output does not depend on it")
 
 

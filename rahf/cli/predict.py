@@ -5,6 +5,9 @@ or CSV with a header row holding the columns ``image`` and ``prompt`` (read as C
 ends in ``.csv``). Relative image paths are resolved against the manifest's directory. Blank lines
 and JSONL lines starting with ``#`` are skipped. Other fields are kept and copied to the outputs.
 
+``--checkpoint`` is a checkpoint directory or a Hugging Face Hub repo id (``org/name[@revision]``).
+Overlays and pages need matplotlib (``pip install "rahf[report]"``); ``rahf select`` does not.
+
 * ``rahf predict --checkpoint DIR (--image PATH --prompt TEXT | --manifest FILE) --out OUT`` writes
   ``OUT/predictions.jsonl`` (one line per image), ``OUT/overlays/*.png`` and ``OUT/index.html``.
 * ``rahf select --checkpoint DIR --manifest FILE --by overall [--threshold T] --out FILE`` groups
@@ -26,9 +29,11 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .._extras import require
 from ..reward.masks import heatmap_to_mask
 from ..reward.select import select_best
-from ..schema import SCORE_NAMES  # noqa: F401
+from ..schema import SCORE_NAMES
+from .common import add_decode, add_model_args, decode_mode, scorer_from_args
 
 
 # ------------------------------------------------------------------------------------------ input
@@ -84,15 +89,6 @@ def _inputs(args) -> list[dict]:
     raise SystemExit("give --manifest FILE or --image PATH --prompt TEXT")
 
 
-def _scorer(args):
-    import torch
-
-    from ..eval.scorer import RAHFScorer
-
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    return RAHFScorer.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
-
-
 def _chunks(items: Sequence, n: int) -> Iterable[Sequence]:
     for s in range(0, len(items), max(1, n)):
         yield items[s:s + max(1, n)]
@@ -127,14 +123,15 @@ def _score_rows(scorer, rows: Sequence[dict], batch_size: int, decode, desc: str
 
 # ------------------------------------------------------------------------------------------ predict
 def run_predict(args) -> int:
+    require("matplotlib", extra="report", purpose="rahf predict's overlays")
     from ..schema import MAP_NAMES
     from ..eval.report import heatmap_stats, render_overlay, write_predictions_html
 
     rows = _inputs(args)
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    scorer = _scorer(args)
-    decode = None if args.decode == "none" else args.decode
+    scorer = scorer_from_args(args)
+    decode = decode_mode(args.decode)
     page_rows = []
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, (row, im, res) in enumerate(_score_rows(scorer, rows, args.batch_size, decode, "predict")):
@@ -155,7 +152,7 @@ def run_predict(args) -> int:
 # ------------------------------------------------------------------------------------------ select
 def run_select(args) -> int:
     rows = read_manifest(args.manifest)
-    scorer = _scorer(args)
+    scorer = scorer_from_args(args)
     cands = []
     for row, _, res in _score_rows(scorer, rows, args.batch_size, None, "select"):
         cands.append({**{k: v for k, v in row.items() if k not in ("image", "prompt")},
@@ -178,6 +175,7 @@ def run_select(args) -> int:
 
 # ------------------------------------------------------------------------------------------ mask
 def run_mask(args) -> int:
+    require("matplotlib", extra="report", purpose="rahf mask's overlays")
     from PIL import Image
 
     from ..eval.report import blend
@@ -186,7 +184,7 @@ def run_mask(args) -> int:
     out = Path(args.out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    scorer = _scorer(args)
+    scorer = scorer_from_args(args)
     n = 0
     with open(out / "masks.jsonl", "w", encoding="utf-8") as f:
         for i, (row, im, res) in enumerate(_score_rows(scorer, rows, args.batch_size, None, "mask")):
@@ -208,13 +206,10 @@ def run_mask(args) -> int:
 
 # ------------------------------------------------------------------------------------------ parser
 def _common(p: argparse.ArgumentParser, manifest_required: bool) -> None:
-    p.add_argument("--checkpoint", required=True, help="a save_pretrained directory (e.g. RUN/export)")
+    add_model_args(p)
     p.add_argument("--manifest", required=manifest_required,
                    help='JSONL ({"image": path, "prompt": text} per line) or CSV with columns image,prompt; '
                         "relative paths are resolved against the manifest's directory")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
 
 
 def register(sub) -> None:
@@ -223,8 +218,7 @@ def register(sub) -> None:
     p.add_argument("--image", action="append", help="an image file (repeatable); needs --prompt")
     p.add_argument("--prompt", help="the prompt for --image")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--decode", default="constrained", choices=["constrained", "free", "none"],
-                   help="tagged prompt: constrained (the prompt's own words, default), free generation, or none")
+    add_decode(p)
     p.set_defaults(func=run_predict)
 
     s = sub.add_parser("select", help="best-of-N data selection: keep each prompt's best image by a score")

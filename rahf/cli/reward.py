@@ -6,7 +6,6 @@ Models are loaded through :class:`rahf.eval.scorer.RAHFScorer`; the math lives i
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
@@ -14,6 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .._extras import require
+from ..schema import SCORE_NAMES, load_image, misaligned_words
+from .common import (add_batch_size, add_data, add_decode, add_device, add_dtype, add_model_args, decode_mode,
+                     scorer_from_args)
 
 
 def _log(msg: str) -> None:
@@ -26,12 +30,6 @@ def _ints(s: str) -> list:
 
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
-
-
-def _scorer(path: str, device):
-    from ..eval.scorer import RAHFScorer
-
-    return RAHFScorer.from_pretrained(path, device=device)
 
 
 def _records(root: str, split: str, limit: int | None = None):
@@ -57,10 +55,10 @@ def _checkpoint_rows(args, split: str):
     from ..reward.cbm import rahf_attributes
 
     entries, paths = _records(args.data, split, args.limit)
-    scorer = getattr(args, "_scorer", None) or _scorer(args.checkpoint, args.device)
+    scorer = getattr(args, "_scorer", None) or scorer_from_args(args)
     args._scorer = scorer  # loaded once for both splits
     t0 = time.perf_counter()
-    decode = None if args.decode == "none" else args.decode
+    decode = decode_mode(args.decode)
     results = scorer.score(paths, [e["prompt"] for e in entries], batch_size=args.batch_size, decode=decode)
     rows = []
     for e, r in zip(entries, results):
@@ -89,8 +87,9 @@ def _default_features(rows, args) -> list[str]:
 
 def cmd_cbm_fit(args) -> int:
     from ..reward.cbm import binarize, fit_aggregator, format_curve_table, learning_curve, plot_curves, read_table
-    from ..reward.textnorm import roc_auc
+    from ..eval.metrics import roc_auc
 
+    require("matplotlib", extra="report", purpose="the learning-curve plot")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     emb_fit = emb_eval = None
@@ -187,6 +186,7 @@ def cmd_cbm_experiment(args) -> int:
                       plot_curves, regenerate_synth, synth_attributes)
     from ..data.format import read_manifest
 
+    require("matplotlib", extra="report", purpose="the experiment plot")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tree = TREES[args.tree]
@@ -197,7 +197,7 @@ def cmd_cbm_experiment(args) -> int:
         recs = regenerate_synth(args.data, split, entries)
         attrs = {n: np.array([synth_attributes(r, args.aesthetics_threshold)[n] for r in recs]) for n in SYNTH_ATTRIBUTES}
         if args.checkpoint:
-            scorer = getattr(args, "_scorer", None) or _scorer(args.checkpoint, args.device)
+            scorer = getattr(args, "_scorer", None) or scorer_from_args(args)
             args._scorer = scorer
             feats = np.asarray(scorer.embed([r.image for r in recs], [r.prompt for r in recs],
                                             batch_size=args.batch_size), dtype=np.float64)
@@ -272,26 +272,22 @@ def _contrast_rewards(scorer, images, prompts, contrasts, score: str, batch_size
 
 
 def _load_pairs(args):
-    from PIL import Image
-
     from ..reward.textnorm import contrast_sets
 
     entries, paths = _records(args.data, args.split, args.limit)
     prompts = [e["prompt"] for e in entries]
-    labels = np.array([int("_0" not in e["tagged_prompt"]) for e in entries])  # 1 = aligned
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
+    labels = np.array([int(not misaligned_words(e["tagged_prompt"])) for e in entries])  # 1 = aligned
+    images = [load_image(p, e["uid"]) for p, e in zip(paths, entries)]
     contrasts = contrast_sets(prompts, _generator(args))
     return entries, images, prompts, labels, contrasts
 
 
 def cmd_textnorm(args) -> int:
-    from ..reward.textnorm import format_metric_table, ranking_metrics, textnorm
+    from ..eval.metrics import ranking_metrics
+    from ..reward.textnorm import format_metric_table, textnorm
 
     entries, images, prompts, labels, contrasts = _load_pairs(args)
-    scorer = _scorer(args.checkpoint, args.device)
+    scorer = scorer_from_args(args)
     t0 = time.perf_counter()
     raw, con = _contrast_rewards(scorer, images, prompts, contrasts, args.score, args.batch_size)
     _log(f"scored {len(prompts)} pairs + {sum(map(len, contrasts))} contrasts in {time.perf_counter() - t0:.1f} s")
@@ -320,7 +316,7 @@ def cmd_ensemble(args) -> int:
     entries, images, prompts, labels, contrasts = _load_pairs(args)
     raws, cons, names = [], [], []
     for i, ck in enumerate(args.checkpoints):
-        scorer = _scorer(ck, args.device)
+        scorer = scorer_from_args(args, ck)
         t0 = time.perf_counter()
         if args.no_textnorm:
             res = scorer.score(images, prompts, batch_size=args.batch_size, decode=None)
@@ -351,17 +347,18 @@ def cmd_ensemble(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # argparse
 # ----------------------------------------------------------------------------------------------
-def _model_args(p, required: bool = False) -> None:
-    p.add_argument("--checkpoint", required=required, help="RAHF checkpoint directory (save_pretrained / export)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=16)
+def _limit_arg(p) -> None:
     p.add_argument("--limit", type=int, default=0, help="use only the first N records of each split (0: all)")
 
 
+def _model_args(p, required: bool = False) -> None:
+    add_model_args(p, required=required)
+    _limit_arg(p)
+
+
 def _contrast_args(p) -> None:
-    p.add_argument("--data", required=True, help="dataset directory (package format)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--score", default="alignment", choices=["plausibility", "alignment", "aesthetics", "overall"],
+    add_data(p)
+    p.add_argument("--score", default="alignment", choices=list(SCORE_NAMES),
                    help="the RAHF score used as reward r(x, y) (default alignment)")
     p.add_argument("--max-contrasts", type=int, default=8, help="contrastive prompts per prompt (0: all)")
     p.add_argument("--kinds", default="colour,count,object,size,relation", help="swap kinds of the rule generator")
@@ -379,8 +376,8 @@ def register(subparsers) -> None:
 
     f = sub.add_parser("fit", help="fit a logistic aggregator from fine-grained attributes to a coarse target")
     _model_args(f)
-    f.add_argument("--data", help="dataset directory (with --checkpoint)")
-    f.add_argument("--split", default="dev", help="split to fit on (default dev: not the checkpoint's train split)")
+    add_data(f, required=False, split="dev", help="dataset directory (with --checkpoint); fit on --split (default "
+                                                  "dev: not the checkpoint's train split)")
     f.add_argument("--eval-split", default="test")
     f.add_argument("--table", help="JSONL/CSV of attribute rows instead of a checkpoint")
     f.add_argument("--eval-table", help="held-out JSONL/CSV (default: --holdout of --table)")
@@ -391,7 +388,7 @@ def register(subparsers) -> None:
     f.add_argument("--target", default="overall", help="target: a score name (checkpoint mode) or a column")
     f.add_argument("--threshold", default=None, help="binarise target >= this number or 'median' (default median; "
                    "a 0/1 column is used as is)")
-    f.add_argument("--decode", default="constrained", choices=["constrained", "free", "none"])
+    add_decode(f)
     f.add_argument("--budgets", type=_ints, default=[25, 50, 100, 200, 400, "all"])
     f.add_argument("--seeds", type=int, default=5)
     f.add_argument("--l2", type=float, default=1e-2, help="aggregator L2 (standardised inputs)")
@@ -404,15 +401,14 @@ def register(subparsers) -> None:
     _model_args(a)
     a.add_argument("--model", required=True, help="aggregator.json from 'rahf cbm fit'")
     a.add_argument("--table", help="JSONL/CSV rows with the aggregator's feature columns")
-    a.add_argument("--data")
-    a.add_argument("--split", default="test")
-    a.add_argument("--decode", default="constrained", choices=["constrained", "free", "none"])
+    add_data(a, required=False, help="dataset directory (with --checkpoint)")
+    add_decode(a)
     a.add_argument("--out", help="output JSONL (default stdout)")
     a.set_defaults(func=cmd_cbm_apply)
 
     e = sub.add_parser("experiment", help="the concept-bottleneck paper's controlled experiment on synth data (known attributes)")
     _model_args(e)
-    e.add_argument("--data", required=True, help="a synth dataset directory (rahf data synth)")
+    add_data(e, with_split=False, help="a synth dataset directory (rahf data synth)")
     e.add_argument("--out", required=True)
     e.add_argument("--tree", default="image", choices=["image", "feedback"])
     e.add_argument("--train-split", default="train")
@@ -433,10 +429,12 @@ def register(subparsers) -> None:
     t.set_defaults(func=cmd_textnorm)
 
     en = subparsers.add_parser("ensemble", help="several checkpoints: mean and mean - lambda*std, raw and TextNorm")
-    en.add_argument("--checkpoints", nargs="+", required=True)
-    en.add_argument("--device", default=None)
-    en.add_argument("--batch-size", type=int, default=16)
-    en.add_argument("--limit", type=int, default=0)
+    en.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT",
+                    help="checkpoint directories or Hugging Face Hub repo ids (org/name[@revision])")
+    add_device(en)
+    add_dtype(en)
+    add_batch_size(en)
+    _limit_arg(en)
     _contrast_args(en)
     en.add_argument("--tau", type=float, default=0.05)
     en.add_argument("--lam", type=_floats, default=[0.5, 1.0], help="uncertainty penalties, comma-separated")

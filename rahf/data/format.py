@@ -19,23 +19,34 @@ A manifest line::
 
 Paths are relative to the split directory. ``prompt`` is the clean words joined by single spaces
 (see :func:`split_words`); ``tagged_prompt`` has ``_0`` appended to each misaligned word.
-All four scores are in [0, 1], higher is better.
+All four scores are in [0, 1], higher is better. ``dataset.json`` may declare ``heatmap_size`` (a
+positive integer: every heatmap of the dataset is that many pixels square).
 
-What a record must satisfy (checked when a split is opened: the manifest fields; when a record is
-loaded: the files). A violation raises :class:`DataError` naming the record and the problem, or,
-with ``on_bad_record="skip"``, drops the record and lists it (``RAHFDatasetSplit.bad`` for
-manifest-level problems; the torch dataset's skip markers for file-level ones):
+What a record must satisfy. The dataset loader (:class:`RAHFDatasetSplit`) and the validator
+(:mod:`rahf.data.validate`) apply the same functions: :func:`check_entry` to the manifest line (when a
+split is opened), :func:`load_record_files` to the files (when a record is loaded), which applies
+:func:`rahf.schema.load_image`, :func:`rahf.schema.load_map` and :func:`check_heatmaps`. So a dataset
+the validator passes loads, and a record that fails to load is one the validator lists. A violation
+raises :class:`DataError` naming the record and the problem, or, with ``on_bad_record="skip"``, drops
+the record and lists it (``RAHFDatasetSplit.bad`` for manifest-level problems; the torch dataset's skip
+markers for file-level ones):
 
-* the line is UTF-8 JSON object with every field; uid non-empty and unique in the split;
+* the line is a UTF-8 JSON object with every field (:data:`FIELDS`); uid non-empty and unique in the
+  split;
 * prompt non-empty and at most :data:`MAX_PROMPT_CHARS` characters; tagged_prompt's words = prompt's;
 * four finite scores in [0, 1];
+* file paths are non-empty, relative and stay inside the split directory;
 * the image decodes, is at least :data:`MIN_IMAGE_SIDE` px on each side and at most
   ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (bigger: a "decompression bomb", refused before decoding).
-  Any mode PIL can convert is accepted and converted to RGB (RGBA: alpha dropped; CMYK, grayscale,
-  palette: converted);
-* both heatmaps decode, are 2-D single-channel 8-bit ('L') images of the same size, and, when
-  ``dataset.json`` declares an integer ``heatmap_size``, are that size. (The model's own heatmap size
-  only decides how maps are resized for training; any map size is fine for that.)
+  Any format and any mode PIL can convert is accepted and converted to RGB (RGBA: alpha dropped;
+  CMYK, grayscale, palette: converted);
+* each heatmap is an **8-bit grayscale PNG**: PNG format (a grayscale JPEG, TIFF or BMP is an error:
+  maps must be lossless), 2-D single-channel 8-bit mode 'L' (RGB, 16-bit, palette, 1-bit maps are
+  errors), not a decompression bomb; value = pixel / 255;
+* both heatmaps of a record have the same size and, when ``dataset.json`` declares ``heatmap_size``,
+  are that size (a ``dataset.json`` that does not parse, or declares anything but a positive integer,
+  is an error when the split is opened). Otherwise any map size is fine: the model's own heatmap size
+  only decides how maps are resized for training.
 """
 
 from __future__ import annotations
@@ -44,7 +55,6 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -58,6 +68,10 @@ from ..schema import (BAD_RECORD_POLICIES, MAP_NAMES, MAX_PROMPT_CHARS, MIN_IMAG
 FORMAT_NAME = "rahf-dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.jsonl"
+FILE_FIELDS: tuple[str, ...] = ("image",) + tuple(f"{m}_map" for m in MAP_NAMES)
+"""Manifest fields naming a record's files, relative to the split directory."""
+FIELDS: tuple[str, ...] = ("uid", "prompt", "tagged_prompt", "scores") + FILE_FIELDS
+"""Every field of a manifest line."""
 
 
 def map_to_png_bytes(heatmap: np.ndarray) -> bytes:
@@ -99,12 +113,12 @@ def check_entry(entry: Mapping, where: str = "manifest") -> None:
     uid = entry.get("uid") if isinstance(entry, Mapping) else None
     if not isinstance(entry, Mapping):
         raise DataError(None, "manifest line is not a JSON object", where)
-    for key in ("uid", "prompt", "tagged_prompt", "scores", "image", "implausibility_map", "misalignment_map"):
+    for key in FIELDS:
         if key not in entry:
             raise DataError(uid, f"missing field {key!r}", where)
     if not isinstance(uid, str) or not uid:
         raise DataError(None, f"bad uid {uid!r}", where)
-    for key in ("prompt", "tagged_prompt", "image", "implausibility_map", "misalignment_map"):
+    for key in ("prompt", "tagged_prompt") + FILE_FIELDS:
         if not isinstance(entry[key], str):
             raise DataError(uid, f"field {key!r} must be a string", where)
     if not entry["prompt"].strip():
@@ -126,6 +140,56 @@ def check_entry(entry: Mapping, where: str = "manifest") -> None:
             raise DataError(uid, f"score {name!r} is not a finite number: {v!r}", where)
         if not 0.0 <= v <= 1.0:
             raise DataError(uid, f"score {name!r} = {v} is outside [0, 1]", where)
+
+
+def record_path(split_dir: str | os.PathLike, entry: Mapping, key: str) -> Path:
+    """The file a record's ``entry[key]`` names (one of :data:`FILE_FIELDS`); :class:`DataError` if the
+    path is empty, absolute or leaves the split directory."""
+    rel = entry.get(key)
+    if not isinstance(rel, str) or not rel:
+        raise DataError(entry.get("uid"), f"field {key!r} is not a non-empty path: {rel!r}")
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise DataError(entry.get("uid"), f"path {rel!r} leaves the split directory")
+    return Path(split_dir) / p
+
+
+def check_heatmaps(uid: str | None, maps: Mapping[str, np.ndarray], heatmap_size: int | None = None) -> None:
+    """A record's heatmaps (name -> (H, W) array) all have one size, and that size is
+    ``heatmap_size`` × ``heatmap_size`` when it is given (dataset.json's declaration)."""
+    sizes = {name: (m.shape[1], m.shape[0]) for name, m in maps.items()}
+    if len(set(sizes.values())) > 1:
+        raise DataError(uid, "heatmaps differ in size: " + ", ".join(f"{n} {w}×{h}" for n, (w, h) in sizes.items()))
+    if heatmap_size is not None:
+        for w, h in sizes.values():
+            if (w, h) != (heatmap_size, heatmap_size):
+                raise DataError(uid, f"heatmaps are {w}×{h}; dataset.json declares heatmap_size {heatmap_size}")
+
+
+def load_record_files(split_dir: str | os.PathLike, entry: Mapping, heatmap_size: int | None = None,
+                      problems: list | None = None) -> tuple[Image.Image | None, dict[str, np.ndarray | None]]:
+    """Load a record's image and heatmaps by the package's rules: :func:`record_path`, then
+    :func:`~rahf.schema.load_image`, :func:`~rahf.schema.load_map` for each map and
+    :func:`check_heatmaps` (see the module docstring). Returns ``(RGB image, {map name: array})``.
+
+    ``problems=None``: the first problem raises :class:`DataError` (the loader). A list: every problem
+    is appended to it as a DataError and the parts that failed are ``None`` (the validator)."""
+    uid = entry.get("uid")
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except DataError as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            return None
+
+    image = attempt(lambda: load_image(record_path(split_dir, entry, "image"), uid))
+    maps = {m: attempt(lambda m=m: load_map(record_path(split_dir, entry, f"{m}_map"), uid)) for m in MAP_NAMES}
+    if all(v is not None for v in maps.values()):
+        attempt(check_heatmaps, uid, maps, heatmap_size)
+    return image, maps
 
 
 def iter_manifest(split_dir: str | os.PathLike, bad: list | None = None) -> Iterator[tuple[int, object]]:
@@ -206,11 +270,7 @@ class RAHFDatasetSplit(Sequence):
                 kept.append(e)
             self.entries = kept
         self.total = len(self.entries) + len(self.bad)
-        try:
-            hs = read_dataset_info(self.root).get("heatmap_size")
-        except (OSError, ValueError, AttributeError):  # an unreadable dataset.json declares nothing
-            hs = None
-        self.heatmap_size = hs if isinstance(hs, int) and not isinstance(hs, bool) else None
+        self.heatmap_size = declared_heatmap_size(self.root)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -220,35 +280,22 @@ class RAHFDatasetSplit(Sequence):
         return [e["uid"] for e in self.entries]
 
     def path(self, i: int, key: str) -> Path:
-        return self.dir / self.entries[i][key]
+        """The file record ``i``'s field ``key`` names (see :func:`record_path`)."""
+        return record_path(self.dir, self.entries[i], key)
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         e = self.entries[i]
-        uid = e["uid"]
-        paths = {}
-        for key in ("image", "implausibility_map", "misalignment_map"):
-            rel = Path(e[key])
-            if rel.is_absolute() or ".." in rel.parts:
-                raise DataError(uid, f"path {e[key]!r} leaves the split directory")
-            paths[key] = self.dir / rel
-        amap = load_map(paths["implausibility_map"], uid)
-        mmap = load_map(paths["misalignment_map"], uid)
-        if amap.shape != mmap.shape:
-            raise DataError(uid, f"heatmaps differ in size: implausibility {amap.shape[1]}×{amap.shape[0]}, "
-                                 f"misalignment {mmap.shape[1]}×{mmap.shape[0]}")
-        if self.heatmap_size is not None and amap.shape != (self.heatmap_size, self.heatmap_size):
-            raise DataError(uid, f"heatmaps are {amap.shape[1]}×{amap.shape[0]}; dataset.json declares "
-                                 f"heatmap_size {self.heatmap_size}")
+        image, maps = load_record_files(self.dir, e, self.heatmap_size)
         return Example(
-            uid=uid,
+            uid=e["uid"],
             prompt=e["prompt"],
             tagged_prompt=e["tagged_prompt"],
             scores={k: float(e["scores"][k]) for k in SCORE_NAMES},
-            image=load_image(paths["image"], uid, min_side=MIN_IMAGE_SIDE),
-            implausibility_map=amap,
-            misalignment_map=mmap,
+            image=image,
+            implausibility_map=maps["implausibility"],
+            misalignment_map=maps["misalignment"],
         )
 
     def __iter__(self) -> Iterator[Example]:
@@ -264,10 +311,31 @@ def open_dataset(root: str | os.PathLike, split: str = "train", check: bool = Tr
 
 
 def read_dataset_info(root: str | os.PathLike) -> dict:
+    """``ROOT/dataset.json`` as a dict (``{}`` when absent); raises ``ValueError`` if it does not parse."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def declared_heatmap_size(root: str | os.PathLike) -> int | None:
+    """The ``heatmap_size`` ``ROOT/dataset.json`` declares (``None``: no file, no key, or null).
+
+    :class:`DataError` naming dataset.json when the file does not parse, is not a JSON object, or
+    declares anything but a positive integer."""
+    where = str(Path(root) / "dataset.json")
+    try:
+        info = read_dataset_info(root)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(None, f"does not parse: {e}", where) from None
+    if not isinstance(info, dict):
+        raise DataError(None, "is not a JSON object", where)
+    hs = info.get("heatmap_size")
+    if hs is None:
+        return None
+    if isinstance(hs, bool) or not isinstance(hs, int) or hs < 1:
+        raise DataError(None, f"heatmap_size must be a positive integer, got {hs!r}", where)
+    return hs
 
 
 def write_dataset_info(root: str | os.PathLike, **info) -> None:
@@ -315,20 +383,17 @@ class SplitWriter:
             data, ext = image
             img_rel = f"images/{uid}.{ext.lstrip('.').lower()}"
             (self.dir / img_rel).write_bytes(data)
-        rels = {}
-        for name, m in zip(MAP_NAMES, (implausibility_map, misalignment_map)):
-            rel = f"{name}/{uid}.png"
-            (self.dir / rel).write_bytes(m if isinstance(m, (bytes, bytearray)) else map_to_png_bytes(m))
-            rels[name] = rel
         entry = {
             "uid": uid,
             "prompt": prompt,
             "tagged_prompt": tagged_prompt,
             "scores": {k: float(scores[k]) for k in SCORE_NAMES},
             "image": img_rel,
-            "implausibility_map": rels["implausibility"],
-            "misalignment_map": rels["misalignment"],
         }
+        for name, m in zip(MAP_NAMES, (implausibility_map, misalignment_map)):
+            rel = f"{name}/{uid}.png"
+            (self.dir / rel).write_bytes(m if isinstance(m, (bytes, bytearray)) else map_to_png_bytes(m))
+            entry[f"{name}_map"] = rel
         self._f.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self.count += 1
         return entry

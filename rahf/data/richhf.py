@@ -49,10 +49,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .format import MAP_NAMES, SCORE_NAMES, SPLITS, DataError, SplitWriter, split_words, tag_words, write_dataset_info
+from .._extras import require
+from ..schema import MAP_NAMES, SCORE_NAMES, SPLITS, DataError, error_text, load_image, split_words, tag_words
+from .format import SplitWriter, write_dataset_info
 from .tfrecord import DecodeError, crc32c, decode_example, iter_tfrecord, read_record_at
 
-__all__ = ["convert_richhf", "ConversionError", "register", "main", "SCORE_FEATURES", "MAP_FEATURES", "SKIP_REASONS"]
+__all__ = ["convert_richhf", "ConversionError", "SCORE_FEATURES", "MAP_FEATURES", "SKIP_REASONS"]
 
 # TFRecord feature -> package score name .
 SCORE_FEATURES: dict[str, str] = {
@@ -103,12 +105,6 @@ class ConversionError(DataError):
 # --------------------------------------------------------------------------------------------
 
 
-_ADDR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
-
-
-def _msg(e: BaseException) -> str:
-    """An exception's message without object addresses (so that reports are reproducible)."""
-    return _ADDR.sub("", str(e)).strip() or type(e).__name__
 
 
 def heatmap_png(data: bytes, size: int | None = None) -> bytes:
@@ -135,7 +131,7 @@ def heatmap_png(data: bytes, size: int | None = None) -> bytes:
             else:
                 gray = im.convert("L")
     except Exception as e:  # PIL raises many kinds
-        raise ValueError(f"heatmap does not decode: {_msg(e)}") from None
+        raise ValueError(f"heatmap does not decode: {error_text(e)}") from None
     if size and gray.size != (size, size):
         f = Image.fromarray(np.asarray(gray, dtype=np.float32), mode="F").resize((size, size), Image.BILINEAR)
         gray = Image.fromarray(np.clip(np.rint(np.asarray(f, dtype=np.float64)), 0, 255).astype(np.uint8), mode="L")
@@ -160,14 +156,16 @@ def _heatmaps_check_job(job: tuple[bytes, bytes, int | None]) -> str | None:
 
 
 def sniff_image(data: bytes) -> tuple[str, int, int]:
-    """Fully decode an encoded image; return ``(extension, width, height)``. Raises ``ValueError``."""
+    """Check an encoded image by the loader's own rules (:func:`rahf.schema.load_image`: decodes fully,
+    no decompression bomb, minimum side) and return ``(extension, width, height)``. Raises ``ValueError``."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        w, h = load_image(data).size
+        with Image.open(io.BytesIO(data)) as im:  # header only: the container format
             fmt = im.format
-            im.load()
-            w, h = im.size
+    except DataError as e:
+        raise ValueError(e.problem) from None
     except Exception as e:
-        raise ValueError(f"image does not decode: {_msg(e)}") from None
+        raise ValueError(f"image does not decode: {error_text(e)}") from None
     return _PIL_EXT.get(fmt or "", (fmt or "bin").lower()), w, h
 
 
@@ -409,7 +407,7 @@ class _ParquetSource:
     kind = "parquet"
 
     def __init__(self, root: Path, log):
-        import pyarrow as pa
+        pa = require("pyarrow", extra="richhf", purpose="reading Pick-a-Pic parquet shards")
         import pyarrow.parquet as pq
 
         self.pq = pq

@@ -717,9 +717,26 @@ def _stats(rows: list[tuple]) -> dict:
     }
 
 
-def generate(out: str | os.PathLike, train: int = 2000, dev: int = 200, test: int = 200, size: int = 128,
-             seed: int = 0, workers: int | None = None) -> dict:
-    """Write a synth dataset under ``out`` (splits with a count of 0 are skipped).
+@dataclass
+class SynthConfig:
+    """What :func:`generate` writes by default: the embedded training job's dataset. The trainer's
+    ``data.synth`` section and ``rahf data synth`` take their defaults from here."""
+
+    train: int = 3000  # records per split
+    dev: int = 200
+    test: int = 300
+    size: int = 128  # image side in pixels (heatmaps are the same size)
+    seed: int = 0
+
+
+SYNTH_DEFAULTS = SynthConfig()
+
+
+def generate(out: str | os.PathLike, train: int = SYNTH_DEFAULTS.train, dev: int = SYNTH_DEFAULTS.dev,
+             test: int = SYNTH_DEFAULTS.test, size: int = SYNTH_DEFAULTS.size, seed: int = SYNTH_DEFAULTS.seed,
+             workers: int | None = None) -> dict:
+    """Write a synth dataset under ``out`` (splits with a count of 0 are skipped; defaults:
+    :data:`SYNTH_DEFAULTS`).
 
     Returns ``{"out", "splits": counts, "seconds", "rate" (records/s), "stats": per split}``.
     The bytes written depend only on (counts, size, seed), not on ``workers``.

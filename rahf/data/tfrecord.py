@@ -11,8 +11,8 @@ with ``masked_crc(x) = ((crc >> 15) | (crc << 17)) + 0xa282ead8  (mod 2**32)`` a
 CRC-32C (Castagnoli) of ``x``. Both CRCs are checked on reading; a corrupt or truncated file
 raises :class:`TFRecordError` naming the file and the byte offset of the bad record.
 
-``tf.train.Example`` messages are decoded with protobuf, using message classes built at import
-time from a ``FileDescriptorProto`` with the field numbers of TensorFlow's
+``tf.train.Example`` messages are decoded with protobuf (the ``richhf`` extra), using message classes
+built on first use from a ``FileDescriptorProto`` with the field numbers of TensorFlow's
 ``tensorflow/core/example/{example,feature}.proto`` (in a private descriptor pool, so it does not
 clash with TensorFlow's own classes if TensorFlow is installed).
 
@@ -26,9 +26,7 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError
-
+from .._extras import require
 from .format import DataError
 
 __all__ = [
@@ -68,7 +66,7 @@ except ImportError:  # pragma: no cover - exercised only where google-crc32c is 
             crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
         return crc ^ _U32
 
-    CRC32C_IMPLEMENTATION = "pure python (slow; pip install google-crc32c)"
+    CRC32C_IMPLEMENTATION = 'pure python (slow; pip install "rahf[richhf]")'
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -173,7 +171,15 @@ class TFRecordWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def _build_example_classes():
+_MESSAGES = ("Example", "Features", "Feature", "BytesList", "FloatList", "Int64List")
+_classes: dict[str, Any] = {}
+
+
+def _build_example_classes() -> dict[str, Any]:
+    require("google.protobuf", extra="richhf", purpose="reading RichHF-18K TFRecords")
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from google.protobuf.message import DecodeError
+
     F = descriptor_pb2.FieldDescriptorProto
     fdp = descriptor_pb2.FileDescriptorProto(
         name="rahf/tensorflow_example.proto", package="tensorflow", syntax="proto3")
@@ -213,11 +219,23 @@ def _build_example_classes():
     if get is None:  # pragma: no cover - protobuf < 4.21
         factory = message_factory.MessageFactory(pool)
         get = factory.GetPrototype
-    names = ("Example", "Features", "Feature", "BytesList", "FloatList", "Int64List")
-    return tuple(get(pool.FindMessageTypeByName(f"tensorflow.{n}")) for n in names)
+    classes = {n: get(pool.FindMessageTypeByName(f"tensorflow.{n}")) for n in _MESSAGES}
+    classes["DecodeError"] = DecodeError
+    return classes
 
 
-Example, Features, Feature, BytesList, FloatList, Int64List = _build_example_classes()
+def _message(name: str):
+    if not _classes:
+        _classes.update(_build_example_classes())
+    return _classes[name]
+
+
+def __getattr__(name: str):
+    """``Example``, ``Features``, ``Feature``, ``BytesList``, ``FloatList``, ``Int64List`` and
+    protobuf's ``DecodeError``, built (and protobuf imported) on first access."""
+    if name in _MESSAGES or name == "DecodeError":
+        return _message(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_float(v) -> bool:
@@ -253,7 +271,7 @@ def encode_example(features: Mapping[str, Any]) -> bytes:
     (-> Int64List), a ``float`` or list of numbers containing a float (-> FloatList), or a numpy
     array/scalar (by dtype). An empty list gives a Feature with no kind set.
     """
-    ex = Example()
+    ex = _message("Example")()
     for name, value in features.items():
         _fill_feature(ex.features.feature[name], value, name)
     return ex.SerializeToString(deterministic=True)
@@ -267,7 +285,7 @@ def decode_example(data: bytes, typed: bool = False) -> dict[str, Any]:
     ``"float_list"``, ``"int64_list"`` or ``None`` (no kind set). Raises
     :class:`google.protobuf.message.DecodeError` on malformed data.
     """
-    ex = Example.FromString(data)
+    ex = _message("Example").FromString(data)
     out: dict[str, Any] = {}
     for name, feat in ex.features.feature.items():
         kind = feat.WhichOneof("kind")

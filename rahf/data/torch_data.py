@@ -12,9 +12,15 @@ from PIL import Image
 from .format import BAD_RECORD_POLICIES, MAP_NAMES, SCORE_NAMES, DataError, Example
 
 
-def resize_map(m: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W) float map → (size, size) tensor. Downscaling averages (area), upscaling is bilinear."""
-    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+def resize_map(m, size: Optional[int]) -> torch.Tensor:
+    """(H, W) float map (array or tensor) → (size, size) tensor. Downscaling averages (area), upscaling
+    is bilinear. ``size=None`` keeps the stored size (for evaluation, where metrics are computed at it)."""
+    if isinstance(m, torch.Tensor):
+        t = m.detach().float()[None, None]
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+    if size is None:
+        return t[0, 0]
     if t.shape[-2:] == (size, size):
         return t[0, 0]
     if t.shape[-1] >= size and t.shape[-2] >= size:
@@ -37,12 +43,16 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
     """Wraps a split (``open_dataset``) for a model: image (3, S, S) normalised, maps (h, h) in [0, 1],
     scores (4,), and the prompt strings (tokenized later, once per batch, by :class:`RAHFCollator`).
 
+    ``heatmap_size``: the model's heatmap size for training (maps resized to it by
+    :func:`resize_map`), or None to keep each map at its stored size — what evaluation uses, since
+    heatmap metrics are computed at the stored ground-truth size.
+
     ``on_bad_record`` (default: the split's own): ``"error"`` lets a record's :class:`DataError` (bad or
     missing file) propagate; ``"skip"`` returns a marker ``{"bad": True, "index", "uid", "problem"}``
     instead, which :class:`RAHFCollator` drops from the batch and lists in ``batch["bad_records"]``
     (so it survives DataLoader workers and reaches the training loop, which counts it)."""
 
-    def __init__(self, split, image_size: int, heatmap_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    def __init__(self, split, image_size: int, heatmap_size: Optional[int], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                  on_bad_record: Optional[str] = None):
         self.split = split
         self.image_size = image_size
@@ -82,7 +92,10 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
 class RAHFCollator:
     """Stacks tensors and tokenizes prompts (encoder input) and tagged prompts (decoder labels, padded
     with -100) once per batch. For the augmented-prompt variant it adds the tokenized task prefixes
-    ``task_ids``/``task_mask`` (T, Lp), computed once at construction."""
+    ``task_ids``/``task_mask`` (T, Lp), computed once at construction.
+
+    Heatmaps of one size are stacked to (B, H, W); maps kept at different stored sizes (evaluation
+    on a dataset whose maps differ in size) stay a list of (H_i, W_i) tensors, in batch order."""
 
     def __init__(self, tokenizer, max_prompt_tokens: int = 64, max_target_tokens: int = 96,
                  task_prompts: Optional[dict] = None, tasks: Optional[Sequence[str]] = None):
@@ -121,8 +134,10 @@ class RAHFCollator:
             items = [it for it in items if not it.get("bad")]
             if not items:
                 return {"uids": [], "bad_records": bad, "empty": True}
-        batch = {k: torch.stack([it[k] for it in items]) for k in
-                 ("pixel_values", "scores") + tuple(f"{m}_map" for m in MAP_NAMES)}
+        batch = {k: torch.stack([it[k] for it in items]) for k in ("pixel_values", "scores")}
+        for k in (f"{m}_map" for m in MAP_NAMES):
+            maps = [it[k] for it in items]
+            batch[k] = torch.stack(maps) if len({tuple(t.shape) for t in maps}) == 1 else maps
         batch["bad_records"] = bad
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         batch["uids"] = [it["uid"] for it in items]

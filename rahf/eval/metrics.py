@@ -35,13 +35,15 @@ either input is constant. SRCC uses average ranks for ties (same as ``scipy.stat
 Keyword metrics
 ---------------
 :func:`keyword_counts` / :func:`keyword_metrics` compare decoded tagged prompts with target tagged
-prompts position by position (see their docstrings for the exact conventions).
+prompts position by position (see their docstrings for the exact conventions). A pooled rate with
+a zero denominator (precision when no word was tagged) is NaN.
 
 Aggregation
 -----------
 :class:`MetricAccumulator` (``update`` per batch, ``compute`` at the end) and
-:func:`evaluate_predictions` produce a flat ``dict[str, float]``; :func:`format_tables` renders it
-in the paper's table layout.
+:func:`evaluate_predictions` produce a flat ``dict[str, float]``; a metric that cannot be computed
+is NaN there and :meth:`MetricAccumulator.unavailable` gives its reason. :func:`format_tables`
+renders the dict in the paper's table layout (``n/a (reason)`` for unavailable metrics).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
+from scipy.stats import kendalltau, rankdata
 
 from ..schema import MAP_NAMES, SCORE_NAMES, parse_tagged
 
@@ -444,7 +446,9 @@ def keyword_metrics(preds: Sequence[str], targets: Sequence[str]) -> dict[str, f
     """Precision / recall / F1 of the misaligned-keyword class (counts from :func:`keyword_counts`).
 
     * Pooled (primary; keys ``precision, recall, f1``): TP, FP, FN summed over all prompts, then
-      P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2PR/(P+R); any 0/0 is defined as 0.0.
+      P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2·TP/(2·TP+FP+FN) (= 2PR/(P+R) whenever P and R are
+      defined). A rate whose denominator is 0 is undefined and NaN: precision when no word was
+      tagged misaligned, recall when no target word is misaligned, F1 when neither happened.
     * Per prompt (keys ``per_prompt_precision, per_prompt_recall, per_prompt_f1``; the
       reproduction's convention, for comparison only): P, R, F1 computed per prompt, where an
       undefined value (no predicted misaligned word for P, no true misaligned word for R,
@@ -470,15 +474,34 @@ def keyword_metrics(preds: Sequence[str], targets: Sequence[str]) -> dict[str, f
         nan = math.nan
         return dict(precision=nan, recall=nan, f1=nan, per_prompt_precision=nan, per_prompt_recall=nan,
                     per_prompt_f1=nan, tp=0.0, fp=0.0, fn=0.0, n=0.0)
-    p, r, f = _prf(TP, FP, FN)
-    return dict(precision=p, recall=r, f1=f, per_prompt_precision=float(np.mean(pp)),
-                per_prompt_recall=float(np.mean(pr)), per_prompt_f1=float(np.mean(pf)),
-                tp=float(TP), fp=float(FP), fn=float(FN), n=float(n))
+
+    def rate(num: int, den: int) -> float:
+        return num / den if den else math.nan
+
+    return dict(precision=rate(TP, TP + FP), recall=rate(TP, TP + FN), f1=rate(2 * TP, 2 * TP + FP + FN),
+                per_prompt_precision=float(np.mean(pp)), per_prompt_recall=float(np.mean(pr)),
+                per_prompt_f1=float(np.mean(pf)), tp=float(TP), fp=float(FP), fn=float(FN), n=float(n))
 
 
 # ----------------------------------------------------------------------------------------------
 # aggregation
 # ----------------------------------------------------------------------------------------------
+def _correlation_reason(pred: np.ndarray, true: np.ndarray) -> str:
+    """Why :func:`plcc` / :func:`srcc` of these values is undefined."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    if pred.size < 2:
+        return f"fewer than 2 examples ({pred.size})"
+    if not np.all(np.isfinite(pred)):
+        return "non-finite predictions"
+    if not np.all(np.isfinite(true)):
+        return "non-finite ground truth"
+    if pred.max() == pred.min():
+        return f"constant predictions (all {pred[0]:.4f})"
+    if true.max() == true.min():
+        return f"constant ground truth (all {true[0]:.4f})"
+    return "not computable"
+
+
 def _mean(x: torch.Tensor) -> float:
     return float(x.mean()) if x.numel() else math.nan
 
@@ -506,6 +529,8 @@ class MetricAccumulator:
       (see :func:`keyword_metrics`) — if tagged prompts were given;
     * counts: ``count/n`` (examples), ``count/gt_nonempty/<map>``, ``count/gt_empty/<map>``,
       ``count/auc_judd/<map>`` (maps entering the AUC-Judd mean), ``count/keyword_prompts``.
+
+    A metric that cannot be computed is NaN in that dict; :meth:`unavailable` says why.
     """
 
     def __init__(self, score_names: Sequence[str] = SCORE_NAMES, map_names: Sequence[str] = MAP_NAMES):
@@ -619,6 +644,45 @@ class MetricAccumulator:
             out["count/keyword_prompts"] = kw["n"]
         return out
 
+    def unavailable(self, metrics: Mapping[str, float] | None = None) -> dict[str, str]:
+        """Why each metric that :meth:`compute` could not compute (NaN) is undefined, as
+        ``{key: reason}`` — e.g. ``{"score/plcc/alignment": "constant predictions (all 0.5123)"}``.
+        ``metrics``: the result of :meth:`compute` (computed again when omitted)."""
+        metrics = self.compute() if metrics is None else metrics
+        nan_keys = [k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
+        if not nan_keys:
+            return {}
+        out: dict[str, str] = {}
+        if self._pred_scores:
+            ps, ts = torch.cat(self._pred_scores), torch.cat(self._true_scores)
+            for j, name in enumerate(self.score_names):
+                why = _correlation_reason(ps[:, j].numpy(), ts[:, j].numpy())
+                for k in ("plcc", "srcc"):
+                    out[f"score/{k}/{name}"] = why
+        for name in self.map_names:
+            if name not in self._maps:
+                continue
+            vals = {k: torch.cat(v) for k, v in self._maps[name].items()}
+            empty = vals["gt_empty"]
+            n, n_empty = int(empty.numel()), int(empty.sum())
+            out[f"heatmap/mse_all/{name}"] = "no maps" if n == 0 else "non-finite values"
+            out[f"heatmap/mse_gt0/{name}"] = (f"no example with an empty ground-truth map (all {n} have g > 0)"
+                                              if n_empty == 0 else "non-finite values")
+            for m in HEATMAP_METRICS[1:]:
+                if n_empty == n:
+                    why = f"no example with a non-empty ground-truth map (all {n} are empty)"
+                elif m == "auc_judd" and not bool((~torch.isnan(vals[m][~empty])).any()):
+                    why = "every non-empty ground-truth map covers the whole map (no pixel outside it)"
+                else:
+                    why = "non-finite values"
+                out[f"heatmap/{m}/{name}"] = why
+        if self._pred_tagged:  # a pooled rate is NaN only when its denominator is 0
+            n = len(self._pred_tagged)
+            out["keyword/precision"] = f"no word tagged misaligned in the {n} predictions"
+            out["keyword/recall"] = f"no misaligned word in the {n} targets"
+            out["keyword/f1"] = f"no misaligned word predicted or in the {n} targets"
+        return {k: out.get(k, "not computable (non-finite values)") for k in nan_keys}
+
 
 def _is_array(x) -> bool:
     return isinstance(x, (torch.Tensor, np.ndarray))
@@ -675,14 +739,34 @@ def _fmt(x, digits: int) -> str:
     return f"{x:.{digits}f}"
 
 
-def format_tables(metrics: Mapping[str, float]) -> str:
+def keyword_prefixes(metrics: Mapping) -> list[str]:
+    """``keyword`` first, then ``keyword_<mode>`` (another decoding's keyword metrics), as present."""
+    found = {k.split("/", 1)[0] for k in metrics if k.startswith("keyword") and "/" in k}
+    found -= {"keyword_per_prompt"} | {p for p in found if p.endswith("_per_prompt")}
+    return sorted(found, key=lambda p: (p != "keyword", p))
+
+
+def format_tables(metrics: Mapping[str, float], unavailable: Mapping[str, str] | None = None,
+                  decode: str | None = None) -> str:
     """Plain-text (markdown) tables in the paper's table layout.
 
     Heatmap table: rows implausibility / misalignment, columns MSE all | MSE GT=0 | CC | KLD | SIM |
     NSS | AUC-Judd. Score table: rows PLCC / SRCC, columns plausibility | aesthetics | alignment |
-    overall. Keyword line: precision / recall / F1 in percent, pooled and per prompt. Sections whose
-    keys are absent are left out; missing single values print as "—".
+    overall. Keyword lines: precision / recall / F1 in percent, pooled and per prompt, for the
+    decoding ``decode`` (``keyword/…``) and for another decoding when present (``keyword_<mode>/…``).
+    Sections whose keys are absent are left out; missing single values print as "—", and metrics
+    listed in ``unavailable`` (``{key: reason}``; default: ``metrics["unavailable"]`` when ``metrics``
+    is a metrics.json document) as ``n/a (reason)``.
     """
+    if unavailable is None:
+        unavailable = metrics.get("unavailable") if isinstance(metrics.get("unavailable"), Mapping) else {}
+
+    def cell(key: str, digits: int, scale: float = 1.0) -> str:
+        if key in unavailable:
+            return f"n/a ({unavailable[key]})"
+        v = metrics.get(key)
+        return _fmt(None if v is None else scale * float(v), digits)
+
     lines: list[str] = []
     cols = [("mse_all", "MSE all", 5), ("mse_gt0", "MSE GT=0", 5), ("cc", "CC", 3), ("kld", "KLD", 3),
             ("sim", "SIM", 3), ("nss", "NSS", 3), ("auc_judd", "AUC-Judd", 3)]
@@ -691,7 +775,7 @@ def format_tables(metrics: Mapping[str, float]) -> str:
         lines.append("| heatmap | " + " | ".join(c[1] for c in cols) + " |")
         lines.append("|---" * (len(cols) + 1) + "|")
         for m in present:
-            cells = [_fmt(metrics.get(f"heatmap/{k}/{m}"), d) for k, _, d in cols]
+            cells = [cell(f"heatmap/{k}/{m}", d) for k, _, d in cols]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     score_cols = ("plausibility", "aesthetics", "alignment", "overall")
     if any(k.startswith("score/") for k in metrics):
@@ -700,21 +784,24 @@ def format_tables(metrics: Mapping[str, float]) -> str:
         lines.append("| score | " + " | ".join(score_cols) + " |")
         lines.append("|---" * (len(score_cols) + 1) + "|")
         for key, label in (("plcc", "PLCC"), ("srcc", "SRCC")):
-            cells = [_fmt(metrics.get(f"score/{key}/{s}"), 3) for s in score_cols]
+            cells = [cell(f"score/{key}/{s}", 3) for s in score_cols]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if any(k.startswith("keyword") for k in metrics):
+    prefixes = keyword_prefixes(metrics)
+    if prefixes:
         if lines:
             lines.append("")
+        for prefix in prefixes:
+            mode = decode if prefix == "keyword" else prefix[len("keyword_"):]
+            how = f", {mode} decoding" if mode else ""
 
-        def pct(k):
-            v = metrics.get(k)
-            return _fmt(None if v is None else 100.0 * float(v), 1)
+            def pct(kind: str) -> str:
+                return cell(f"{prefix}{kind}", 1, 100.0)
 
-        lines.append("Misaligned keywords (pooled): precision {}, recall {}, F1 {}".format(
-            pct("keyword/precision"), pct("keyword/recall"), pct("keyword/f1")))
-        lines.append("Misaligned keywords (per-prompt avg, reproduction's convention): precision {}, recall {}, F1 {}"
-                     .format(pct("keyword_per_prompt/precision"), pct("keyword_per_prompt/recall"),
-                             pct("keyword_per_prompt/f1")))
+            lines.append("Misaligned keywords (pooled{}): precision {}, recall {}, F1 {}".format(
+                how, pct("/precision"), pct("/recall"), pct("/f1")))
+            lines.append("Misaligned keywords (per-prompt avg, reproduction's convention{}): precision {}, recall {}, "
+                         "F1 {}".format(how, pct("_per_prompt/precision"), pct("_per_prompt/recall"),
+                                        pct("_per_prompt/f1")))
     if "count/n" in metrics:
         extra = [f"n={int(metrics['count/n'])}"]
         for m in MAP_NAMES:
@@ -723,3 +810,93 @@ def format_tables(metrics: Mapping[str, float]) -> str:
         lines.append("")
         lines.append("(" + ", ".join(extra) + ")")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# ranking metrics: a score judged as a detector of 0/1 labels (e.g. a reward telling aligned from
+# misaligned pairs; rahf.reward.textnorm re-exports them)
+# ----------------------------------------------------------------------------------------------
+def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    s, y = _vec(scores), np.asarray(labels).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.size} scores but {y.size} labels")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite")
+    yb = y.astype(bool)
+    if not np.array_equal(yb.astype(np.float64), y.astype(np.float64)):
+        raise ValueError("labels must be 0/1")
+    return s, yb
+
+
+def roc_auc(scores, labels) -> float:
+    """ROC-AUC = P(score of a random positive > that of a random negative) + 1/2 P(tie), by the
+    rank-sum (Mann-Whitney) statistic with average ranks. NaN if either class is empty."""
+    s, y = _scores_labels(scores, labels)
+    npos, nneg = int(y.sum()), int((~y).sum())
+    if npos == 0 or nneg == 0:
+        return math.nan
+    r = rankdata(s)
+    return float((r[y].sum() - npos * (npos + 1) / 2.0) / (npos * nneg))
+
+
+def average_precision(scores, labels) -> float:
+    """AUPRC as average precision: sum over distinct thresholds (descending) of
+    (recall_t - recall_{t-1}) * precision_t, tied scores forming one threshold (the convention of
+    scikit-learn's ``average_precision_score``). NaN if there is no positive."""
+    s, y = _scores_labels(scores, labels)
+    npos = int(y.sum())
+    if npos == 0:
+        return math.nan
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each tie group
+    tp = np.cumsum(y)[last].astype(np.float64)
+    prec = tp / (last + 1)
+    rec = tp / npos
+    return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
+
+
+def ap_at_k(scores, labels, k: int) -> float:
+    """Average precision at k: (1 / min(k, #positives)) * sum_{i <= k, item i positive} precision@i,
+    items ranked by descending score (ties kept in input order). NaN if there is no positive."""
+    s, y = _scores_labels(scores, labels)
+    npos = int(y.sum())
+    if npos == 0:
+        return math.nan
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    order = np.argsort(-s, kind="mergesort")[:k]
+    rel = y[order].astype(np.float64)
+    prec = np.cumsum(rel) / np.arange(1, rel.size + 1)
+    return float(np.sum(prec * rel) / min(k, npos))
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall tau-b (``scipy.stats.kendalltau``). NaN in the same cases as :func:`plcc`."""
+    x, y = _vec(a), _vec(b)
+    if x.shape != y.shape:
+        raise ValueError(f"length mismatch: {x.shape} vs {y.shape}")
+    if x.size < 2 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return math.nan
+    if x.max() == x.min() or y.max() == y.min():
+        return math.nan
+    return float(kendalltau(x, y).statistic)
+
+
+#: Keys of :func:`ranking_metrics` (``ap@k`` once per k).
+RANKING_METRICS: tuple[str, ...] = ("auroc", "auprc", "ap@k", "spearman", "kendall")
+
+
+def ranking_metrics(scores, labels, ks: Sequence[int] = (10, 50)) -> dict[str, float]:
+    """AUROC, AUPRC, AP@k for each k, Spearman rho (:func:`srcc`) and Kendall tau-b between the
+    scores and the 0/1 labels (1 = the positive class, e.g. aligned; a good score ranks it first)."""
+    s, y = _scores_labels(scores, labels)
+    out = {"auroc": roc_auc(s, y), "auprc": average_precision(s, y)}
+    for k in ks:
+        out[f"ap@{k}"] = ap_at_k(s, y, k)
+    out["spearman"] = srcc(s, y.astype(np.float64))
+    out["kendall"] = kendall_tau(s, y.astype(np.float64))
+    return out
+
+
+__all__ += ["roc_auc", "average_precision", "ap_at_k", "kendall_tau", "RANKING_METRICS", "ranking_metrics"]

@@ -19,6 +19,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .._extras import require
 from ..schema import MAP_NAMES, SCORE_NAMES
 from ..schema import parse_tagged
 
@@ -48,7 +49,7 @@ def font(size: int = 14):
 
 def colorize(heatmap: np.ndarray, cmap: str = "jet") -> np.ndarray:
     """(H, W) in [0, 1] → (H, W, 3) uint8 through a matplotlib colormap."""
-    from matplotlib import colormaps
+    colormaps = require("matplotlib", extra="report", purpose="heatmap overlays").colormaps
 
     h = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
     return (colormaps[cmap](h)[..., :3] * 255.0 + 0.5).astype(np.uint8)
@@ -192,12 +193,9 @@ def _fmt(x, d=3) -> str:
 
 
 def _scatter_png(pred: np.ndarray, true: np.ndarray, full: Mapping[str, float]) -> Image.Image:
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="report", purpose="the report's plots")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from .metrics import plcc, srcc
 
     fig, axes = plt.subplots(1, len(SCORE_NAMES), figsize=(4 * len(SCORE_NAMES), 4), dpi=80)
     for j, (ax, s) in enumerate(zip(np.atleast_1d(axes), SCORE_NAMES)):
@@ -205,10 +203,8 @@ def _scatter_png(pred: np.ndarray, true: np.ndarray, full: Mapping[str, float]) 
         ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--")
         ax.set_xlim(-0.02, 1.02), ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("true"), ax.set_ylabel("predicted")
-        p, r = (plcc(pred[:, j], true[:, j]), srcc(pred[:, j], true[:, j])) if len(pred) > 1 else (math.nan, math.nan)
-        ax.set_title(f"{s}\nPLCC {_fmt(p)}  SRCC {_fmt(r)} (n={len(pred)})\n"
-                     f"full set: PLCC {_fmt(full.get(f'score/plcc/{s}'))} SRCC {_fmt(full.get(f'score/srcc/{s}'))}",
-                     fontsize=9)
+        ax.set_title(f"{s} (n={len(pred)})\nPLCC {_fmt(full.get(f'score/plcc/{s}'))}  "
+                     f"SRCC {_fmt(full.get(f'score/srcc/{s}'))}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -217,25 +213,35 @@ def _scatter_png(pred: np.ndarray, true: np.ndarray, full: Mapping[str, float]) 
     return Image.open(buf).convert("RGB")
 
 
-def _metrics_table(metrics: Mapping[str, float]) -> str:
+def _metrics_table(metrics: Mapping[str, float], unavailable: Mapping[str, str], decode: Optional[str]) -> str:
+    def cell(key: str, d: int, scale: float = 1.0) -> str:
+        if key in unavailable:
+            return f'<span title="{html.escape(unavailable[key])}">n/a ({html.escape(unavailable[key])})</span>'
+        v = metrics.get(key)
+        return _fmt(None if v is None else scale * float(v), d)
+
     cols = [("mse_all", "MSE all", 5), ("mse_gt0", "MSE GT=0", 5), ("cc", "CC", 3), ("kld", "KLD", 3),
             ("sim", "SIM", 3), ("nss", "NSS", 3), ("auc_judd", "AUC-Judd", 3)]
     rows = ["<tr><th>heatmap</th>" + "".join(f"<th>{c[1]}</th>" for c in cols) + "</tr>"]
     for m in MAP_NAMES:
-        rows.append(f"<tr><td>{m}</td>" + "".join(f"<td>{_fmt(metrics.get(f'heatmap/{k}/{m}'), d)}</td>"
-                                                  for k, _, d in cols) + "</tr>")
+        rows.append(f"<tr><td>{m}</td>" + "".join(f"<td>{cell(f'heatmap/{k}/{m}', d)}</td>" for k, _, d in cols)
+                    + "</tr>")
     t1 = "<table>" + "".join(rows) + "</table>"
     rows = ["<tr><th>score</th>" + "".join(f"<th>{s}</th>" for s in SCORE_NAMES) + "</tr>"]
     for k in ("plcc", "srcc"):
-        rows.append(f"<tr><td>{k.upper()}</td>" + "".join(f"<td>{_fmt(metrics.get(f'score/{k}/{s}'))}</td>"
+        rows.append(f"<tr><td>{k.upper()}</td>" + "".join(f"<td>{cell(f'score/{k}/{s}', 3)}</td>"
                                                          for s in SCORE_NAMES) + "</tr>")
     t2 = "<table>" + "".join(rows) + "</table>"
+    from .metrics import keyword_prefixes
+
     kw = []
-    for prefix, label in (("keyword", "free/default decoding"), ("keyword_constrained", "constrained decoding"),
-                          ("keyword_per_prompt", "per-prompt avg")):
-        if f"{prefix}/f1" in metrics:
-            kw.append(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(100 * metrics[f'{prefix}/{m}'], 1) if metrics.get(f'{prefix}/{m}') is not None else '—'}</td>"
-                                                      for m in ("precision", "recall", "f1")) + "</tr>")
+    for prefix in keyword_prefixes(metrics):
+        mode = decode if prefix == "keyword" else prefix[len("keyword_"):]
+        for suffix, label in (("", "pooled"), ("_per_prompt", "per-prompt avg")):
+            name = f"{mode} decoding, {label}" if mode else label
+            kw.append(f"<tr><td>{html.escape(name)}</td>"
+                      + "".join(f"<td>{cell(f'{prefix}{suffix}/{m}', 1, 100.0)}</td>"
+                                for m in ("precision", "recall", "f1")) + "</tr>")
     t3 = ("<table><tr><th>misaligned keywords (%)</th><th>precision</th><th>recall</th><th>F1</th></tr>"
           + "".join(kw) + "</table>") if kw else ""
     return f"<h2>Heatmaps</h2>{t1}<h2>Scores</h2>{t2}" + (f"<h2>Keywords</h2>{t3}" if t3 else "")
@@ -276,79 +282,45 @@ def _counter_table(title: str, c: Counter, k: int = 15) -> str:
     return f'<div><table><tr><th>{html.escape(title)}</th><th>count</th></tr>{rows or "<tr><td>(none)</td><td>0</td></tr>"}</table></div>'
 
 
-def write_eval_report(model, ds, metrics: Mapping[str, float], out_dir, max_examples: int = 200, n_show: int = 6,
-                      batch_size: int = 16, decode: str = "constrained") -> Path:
-    """Write ``out_dir/index.html``: predicted-vs-true scatter plots per score (PLCC/SRCC), the metric
-    tables, overlay grids (prediction beside ground truth) of the best and worst examples by the
-    implausibility map's CC, and the keyword confusions (most often missed / falsely tagged words).
+def write_eval_report(evaluation, ds, out_dir, n_show: int = 6, measured: Optional[Mapping] = None) -> Path:
+    """Write ``out_dir/index.html`` (and ``out_dir/metrics.json``) for an evaluation just computed.
 
-    Runs ``model`` over at most ``max_examples`` examples of ``ds`` (a ``RAHFTorchDataset``; evenly
-    spaced over it) for the per-example parts; the tables use ``metrics`` (the full evaluation).
+    ``evaluation``: a :class:`rahf.eval.evaluate.Evaluation` made with ``examples=True`` (and
+    ``keep_maps >= n_show`` for the overlay grids); ``ds``: the dataset it ran over (a
+    ``RAHFTorchDataset``, for the images and ground-truth maps). Nothing is run again: the page shows
+    the metric tables (``n/a (reason)`` where unavailable), predicted-vs-true scatter plots per score,
+    overlay grids (prediction beside ground truth) of the best and worst examples by the
+    implausibility map's CC, and the keyword confusions (most often missed / falsely tagged words)
+    of the evaluation's decoding.
     """
-    import torch
+    from .evaluate import metrics_document
 
-    from ..data.torch_data import RAHFCollator
-    from .evaluate import model_inputs, upsample_to
-    from .metrics import cc as cc_metric
-
+    ex = evaluation.examples
+    if ex is None:
+        raise ValueError("write_eval_report needs an evaluation run with examples=True")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = len(ds)
-    idx = sorted(set(np.linspace(0, n - 1, min(n, max_examples)).round().astype(int).tolist())) if n else []
-    collate = RAHFCollator.for_model(model)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    pred_s, true_s, ccs, preds, targets = [], [], [], [], []
-    small_maps: dict[int, dict[str, np.ndarray]] = {}
-    with torch.no_grad():
-        for s in range(0, len(idx), batch_size):
-            items = [it for it in (ds[i] for i in idx[s:s + batch_size]) if not it.get("bad")]  # skipped records
-            if not items:
-                continue
-            ids = [it["index"] for it in items]
-            batch = collate(items)
-            inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k != "labels"}
-            o = model(**inputs)
-            pred_s.append(o.scores.float().cpu().numpy())
-            true_s.append(batch["scores"].numpy())
-            gt = batch["implausibility_map"].float()
-            p = upsample_to(o.heatmaps["implausibility"].float().cpu(), gt.shape[-2:])
-            ccs.extend(cc_metric(p, gt).double().cpu().numpy().tolist())
-            for j, i in enumerate(ids):
-                small_maps[i] = {m: o.heatmaps[m][j].float().cpu().numpy() for m in MAP_NAMES}
-            if decode == "free":
-                preds.extend(model.generate_tagged(o))
-            else:
-                from ..model.decoding import constrained_tagging
-
-                preds.extend(constrained_tagging(model, o, batch["prompts"]))
-            targets.extend(batch["tagged_prompts"])
-    if was_training:
-        model.train()
-    pred_a = np.concatenate(pred_s) if pred_s else np.zeros((0, 4))
-    true_a = np.concatenate(true_s) if true_s else np.zeros((0, 4))
-    parts = [f"<p>{int(metrics.get('count/n', n))} examples evaluated; per-example plots use {len(idx)} of them "
-             f"(evenly spaced), keyword predictions by {html.escape(decode)} decoding.</p>"]
-    parts.append(_metrics_table(metrics))
-    parts.append(f'<h2>Predicted vs true scores</h2><img src="{data_uri(_scatter_png(pred_a, true_a, metrics))}" '
+    metrics, unavailable = evaluation.metrics, evaluation.unavailable
+    decode = evaluation.decode
+    how = f"keyword predictions by {decode} decoding" if decode else "no keyword decoding"
+    parts = [f"<p>{len(ex)} examples evaluated; {html.escape(how)}. Heatmap metrics at the stored "
+             f"ground-truth size (predictions resized bilinearly).</p>"]
+    parts.append(_metrics_table(metrics, unavailable, decode))
+    parts.append(f'<h2>Predicted vs true scores</h2><img src="{data_uri(_scatter_png(ex.pred_scores, ex.true_scores, metrics))}" '
                  f'alt="score scatter plots" style="max-width:100%">')
-    idx = list(small_maps)  # the examples actually scored, in order
-    cc_arr = np.asarray(ccs, dtype=np.float64)
-    valid = [k for k in range(len(idx)) if np.isfinite(cc_arr[k])]
-    order = sorted(valid, key=lambda k: -cc_arr[k])
-    for title, pick in (("Best by implausibility CC", order[:n_show]),
-                        ("Worst by implausibility CC", order[::-1][:n_show])):
-        rows = []
-        for k in pick:
-            i = idx[k]
-            rows.append(_grid_row(ds.split[i], small_maps[i], cc_arr[k], preds[k]))
+    cc = ex.map_values.get("implausibility", {}).get("cc")
+    pos = {i: j for j, i in enumerate(ex.index)}
+    ranked = sorted(((float(cc[pos[i]]), i) for i in ex.maps), key=lambda t: (-t[0], t[1])) if cc is not None else []
+    for title, pick in (("Best by implausibility CC", ranked[:n_show]),
+                        ("Worst by implausibility CC", ranked[::-1][:n_show])):
+        rows = [_grid_row(ds.split[i], ex.maps[i], c, ex.tagged[pos[i]]) for c, i in pick]
         note = "" if rows else "<p>(no example with a non-empty ground-truth implausibility map)</p>"
         parts.append(f"<h2>{title}</h2>{note}<div class=\"grid\">{''.join(rows)}</div>")
-    missed, false = _confusions(preds, targets)
-    parts.append('<h2>Keyword confusions</h2><div class="grid">' + _counter_table("most often missed", missed)
-                 + _counter_table("most often falsely tagged", false) + "</div>")
-    (out / "metrics.json").write_text(json.dumps(dict(metrics), indent=2) + "\n")
+    if decode:
+        missed, false = _confusions(ex.tagged, ex.target)
+        parts.append('<h2>Keyword confusions</h2><div class="grid">' + _counter_table("most often missed", missed)
+                     + _counter_table("most often falsely tagged", false) + "</div>")
+    (out / "metrics.json").write_text(json.dumps(metrics_document(metrics, unavailable, measured), indent=2) + "\n")
     path = out / "index.html"
     path.write_text(_page("RAHF evaluation report", "\n".join(parts)), encoding="utf-8")
     return path

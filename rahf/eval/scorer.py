@@ -7,8 +7,9 @@ Example::
     results = scorer.score(["a.png", "b.png"], "a yellow cat on a red mat")
     results[0].scores["overall"], results[0].implausibility.shape, results[0].misaligned_words
 
-Preprocessing is the evaluation path's own (``image_to_tensor`` and ``RAHFCollator.tokenize_prompts``),
-so the numbers equal ``rahf eval``'s model outputs for the same image and prompt.
+Preprocessing is the evaluation path's own (``image_to_tensor`` and ``RAHFCollator.tokenize_prompts``)
+and inference is the one inference path (:func:`rahf.eval.predict.predict_batch`, constrained
+decoding by default), so the numbers equal ``rahf eval``'s for the same image and prompt.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..schema import MAP_NAMES, SCORE_NAMES
+from ..schema import MAP_NAMES, SCORE_NAMES, array_to_image
 from ..schema import clean_prompt, load_image, parse_tagged
 from ..data.torch_data import RAHFCollator, image_to_tensor
+from .predict import DEFAULT_DECODE, Predictions, predict_batch
 
 ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
 DECODE_MODES = ("constrained", "free", None)
@@ -74,19 +75,7 @@ def to_pil(image: ImageLike) -> Image.Image:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
-        a = image
-        if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-            a = np.transpose(a, (1, 2, 0))  # CHW → HWC
-        if a.ndim == 3 and a.shape[-1] == 1:
-            a = a[..., 0]
-        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-            raise ValueError(f"cannot read an image from an array of shape {image.shape}")
-        if a.dtype != np.uint8:
-            a = a.astype(np.float32)
-            if a.size and np.nanmax(a) <= 1.0:
-                a = a * 255.0
-            a = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+        return array_to_image(image)
     raise TypeError(f"unsupported image type {type(image).__name__}; give a PIL image, a path or a numpy array")
 
 
@@ -120,15 +109,21 @@ class RAHFScorer:
         self.collator = RAHFCollator.for_model(model)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
-                        dtype: Optional[torch.dtype] = None) -> "RAHFScorer":
-        """Load a ``save_pretrained`` directory. ``dtype`` (e.g. ``torch.bfloat16``) runs under autocast."""
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+                        dtype: Optional[torch.dtype] = None, *, revision: Optional[str] = None,
+                        cache_dir: Optional[Union[str, os.PathLike]] = None, token: Optional[Union[str, bool]] = None,
+                        local_files_only: Optional[bool] = None) -> "RAHFScorer":
+        """Load a ``save_pretrained`` directory or a Hugging Face Hub repo id (``org/name``,
+        ``org/name@revision``); the Hub arguments are :meth:`rahf.model.RAHF.from_pretrained`'s.
+        ``dtype`` (e.g. ``torch.bfloat16``) runs under autocast."""
         from ..model import RAHF
 
         if isinstance(dtype, str):
             dtype = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                      "fp16": torch.float16, "float16": torch.float16}[dtype]
-        return cls(RAHF.from_pretrained(Path(directory)), device=device, dtype=dtype)
+        model = RAHF.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                     local_files_only=local_files_only)
+        return cls(model, device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ internals
     def _autocast(self):
@@ -137,35 +132,27 @@ class RAHFScorer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
-        """Model inputs for PIL images and clean prompts (the evaluation path's preprocessing)."""
+        """Model inputs for PIL images and clean prompts (the evaluation path's preprocessing); the
+        batch also carries the ``prompts`` (for constrained decoding)."""
         v = self.config.vision
         pixels = torch.stack([image_to_tensor(im, v.img_size, v.mean, v.std) for im in images])
         batch = {"pixel_values": pixels, **self.collator.tokenize_prompts(list(prompts))}
-        return {k: t.to(self.device) for k, t in batch.items()}
+        return {**{k: t.to(self.device) for k, t in batch.items()}, "prompts": list(prompts)}
 
-    @torch.no_grad()
+    def predict(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                decode: Optional[str] = DEFAULT_DECODE) -> Predictions:
+        """:func:`rahf.eval.predict.predict_batch` for one batch of PIL images and clean prompts."""
+        return predict_batch(self.model, self.prepare(images, prompts), decode=decode,
+                             autocast=self._autocast if self.dtype is not None else None)
+
     def forward(self, images: Sequence[Image.Image], prompts: Sequence[str]):
         """Raw :class:`rahf.model.RAHFOutput` for one batch of PIL images and clean prompts."""
-        batch = self.prepare(images, prompts)
-        with self._autocast():
-            return self.model(**batch)
-
-    def _decode(self, out, prompts: list[str], decode: Optional[str]) -> list[Optional[str]]:
-        if decode is None or decode == "none":
-            return [None] * len(prompts)
-        with self._autocast():
-            if decode == "constrained":
-                from ..model.decoding import constrained_tagging
-
-                return constrained_tagging(self.model, out, prompts)
-            if decode == "free":
-                return self.model.generate_tagged(out)
-        raise ValueError(f"unknown decode mode {decode!r}; use 'constrained', 'free' or None")
+        return self.predict(images, prompts, decode=None).output
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def score(self, images: Union[ImageLike, Sequence[ImageLike]], prompts: Union[str, Sequence[str]],
-              batch_size: int = 16, decode: Optional[str] = "constrained", progress: bool = False) -> list[ScoreResult]:
+              batch_size: int = 16, decode: Optional[str] = DEFAULT_DECODE, progress: bool = False) -> list[ScoreResult]:
         """Score images against prompts (one prompt for all images, or one per image).
 
         Returns one :class:`ScoreResult` per image: the four scores, both heatmaps upsampled
@@ -186,10 +173,10 @@ class RAHFScorer:
         for sl in tqdm(list(_batches(len(images), batch_size)), desc="score", disable=not progress or n_batches < 2):
             pil = [to_pil(im) for im in images[sl]]
             ps = prompts[sl]
-            out = self.forward(pil, ps)
-            tagged = self._decode(out, ps, decode)
-            scores = out.scores.float().cpu().numpy()
-            maps = {m: out.heatmaps[m].float() for m in MAP_NAMES}
+            pred = self.predict(pil, ps, decode=decode)
+            tagged = pred.tagged or [None] * len(ps)
+            scores = pred.scores.cpu().numpy()
+            maps = pred.heatmaps
             for j, im in enumerate(pil):
                 w, h = im.size
                 up = {m: F.interpolate(maps[m][j][None, None], size=(h, w), mode="bilinear", align_corners=False)

@@ -1,4 +1,19 @@
-"""Typed model configuration with named presets (``tiny``, ``paper``, ``large384``)."""
+"""Typed model configuration: named presets (``tiny``, ``paper``, ``large384``) and head styles.
+
+``RAHFConfig()`` is the ``tiny`` preset: every field's default is the tiny model's, and the other
+presets (:data:`PRESETS`) list only what differs from it.
+
+Head styles
+-----------
+The heatmap and score heads come in named styles (:data:`HEAD_STYLES`: ``repro``, ``light``,
+``light_heatmap``, ``tiny``). ``head_style`` records which style a config's heads are, or ``custom``
+when they are none of them (edited by hand); it is saved in ``config.json``. In a settings dict (a
+preset, the overrides of :meth:`RAHFConfig.preset`, :meth:`RAHFConfig.from_dict`, the ``model``
+section of a training config) a named ``head_style`` sets both ``heatmap_head`` and ``score_head`` to
+that style, and head keys given next to it apply on top; the config's ``head_style`` is then the
+style the heads equal, or ``custom``. A ``config.json`` written before the field existed loads with
+the style read off its heads. ``RAHFConfig(head_style=...)`` with heads of another style is an error.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +21,25 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 from ..configtools import ConfigError, from_dict, merge, to_dict
-from ..schema import MAP_NAMES, SCORE_NAMES  # noqa: F401  (re-exported for old imports)
-
+from ..schema import MAP_NAMES, SCORE_NAMES, TASKS  # noqa: F401  (MAP_NAMES, SCORE_NAMES re-exported for old imports)
 
 
 @dataclass
 class VisionConfig:
-    """The timm ViT image encoder. Geometry (patch grid) is read from the built model, not parsed from names."""
+    """The timm ViT image encoder. Geometry (patch grid) is read from the built model, not parsed from names.
 
-    arch: str = "vit_base_patch16_224"  # timm architecture name; the kwargs below override its defaults
-    img_size: int = 224
+    Defaults: the tiny preset's ViT (4 blocks of width 128 at 128 px)."""
+
+    arch: str = "vit_tiny_patch16_224"  # timm architecture name; the kwargs below override its defaults
+    img_size: int = 128
     patch_size: int = 16
-    embed_dim: Optional[int] = None  # None: the architecture's own
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
+    embed_dim: Optional[int] = 128  # None: the architecture's own
+    depth: Optional[int] = 4
+    num_heads: Optional[int] = 4
+    mlp_ratio: Optional[float] = 2.0
     drop_path_rate: float = 0.0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -32,21 +48,21 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """The T5 encoder-decoder and its tokenizer."""
+    """The T5 encoder-decoder and its tokenizer. Defaults: the tiny preset's 3+2 layer T5 of width 128."""
 
-    d_model: int = 768
-    d_kv: int = 64
-    d_ff: int = 3072
-    num_layers: int = 12
-    num_decoder_layers: int = 12
-    num_heads: int = 12
-    dropout_rate: float = 0.1
+    d_model: int = 128
+    d_kv: int = 32
+    d_ff: int = 256
+    num_layers: int = 3
+    num_decoder_layers: int = 2
+    num_heads: int = 4
+    dropout_rate: float = 0.0
     feed_forward_proj: str = "relu"
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
     tokenizer: str = "words"  # "words" (built in, no file), "byt5" (no file), or a T5 tokenizer dir / hub name
     pretrained: Optional[str] = None  # local T5 dir or hub name; loaded only when asked
-    max_prompt_tokens: int = 64
-    max_target_tokens: int = 96
+    max_prompt_tokens: int = 40
+    max_target_tokens: int = 48
 
 
 @dataclass
@@ -55,49 +71,121 @@ class HeatmapHeadConfig:
 
     Output size = patch grid × 2^len(up_channels) × upsample. ``upsample > 1`` predicts at a lower
     resolution and upsamples the logits bilinearly (cheap; the annotated maps are soft disks).
+    Defaults: the ``tiny`` head style.
     """
 
-    stem_channels: tuple[int, ...] = (768, 384)
-    up_channels: tuple[int, ...] = (768, 384, 384, 192)
-    final_channels: int = 192
-    upsample: int = 1
+    stem_channels: tuple[int, ...] = (64,)
+    up_channels: tuple[int, ...] = (32, 16)
+    final_channels: int = 16
+    upsample: int = 2
     residual: bool = True
 
 
 @dataclass
 class ScoreHeadConfig:
-    """3×3 convs through ``channels`` → flatten → MLP ``mlp`` → 1 → sigmoid."""
+    """3×3 convs through ``channels`` → flatten → MLP ``mlp`` → 1 → sigmoid. Defaults: the ``tiny`` head style."""
 
-    channels: tuple[int, ...] = ()  # empty: d, d/2, d/4, d/8, d/16, d/64 of the T5 width d
-    mlp: tuple[int, ...] = (512, 128)
+    channels: tuple[int, ...] = (64, 32, 16, 8)  # empty: d, d/2, d/4, d/8, d/16, d/64 of the T5 width d
+    mlp: tuple[int, ...] = (128, 64)
 
 
 @dataclass
 class LossConfig:
-    heatmap: float = 1.0
-    score: float = 1.0
+    """Loss weights. Defaults: the tiny preset's. Synth maps are sparse and the CE term dominates at
+    weights 1/1/1, so heatmaps and scores are weighted up and positive pixels get more weight."""
+
+    heatmap: float = 10.0
+    score: float = 10.0
     text: float = 1.0
-    heatmap_positive_weight: float = 1.0  # pixel weight where the ground truth is > 0 (1 = plain MSE)
+    heatmap_positive_weight: float = 5.0  # pixel weight where the ground truth is > 0 (1 = plain MSE)
+
+
+# Named head styles: both heads, absolute in channels; the output size of every style is patch grid × 16.
+# "repro": the public reproduction's heads. "light": predicts the heatmap at 1/4 size with few channels
+# where the map is large, then upsamples the logits bilinearly ×4 (the annotated maps are soft disks of
+# radius ~1/20 of the image), and narrows the score heads' convs (6 vs 233 GFLOP per heatmap head per
+# image at the paper's size; on synth, at the same step budget, no worse than "repro").
+# "light_heatmap": the light heatmap head with the reproduction's score heads. "tiny": light heads sized
+# for the tiny preset's width-128 T5 (predicts at 32×32, upsamples ×2; the field defaults).
+HEAD_STYLES: dict[str, dict] = {
+    "repro": {"heatmap_head": {"stem_channels": (768, 384), "up_channels": (768, 384, 384, 192), "final_channels": 192,
+                               "upsample": 1, "residual": True},
+              "score_head": {"channels": (), "mlp": (512, 128)}},
+    "light": {"heatmap_head": {"stem_channels": (384,), "up_channels": (256, 128), "final_channels": 64, "upsample": 4,
+                               "residual": True},
+              "score_head": {"channels": (256, 64, 16), "mlp": (512, 128)}},
+}
+HEAD_STYLES["light_heatmap"] = {"heatmap_head": HEAD_STYLES["light"]["heatmap_head"],
+                                "score_head": HEAD_STYLES["repro"]["score_head"]}
+HEAD_STYLES["tiny"] = {"heatmap_head": dataclasses.asdict(HeatmapHeadConfig()),
+                       "score_head": dataclasses.asdict(ScoreHeadConfig())}
+CUSTOM_HEADS = "custom"  # the head_style of heads that are no named style
+
+
+def head_style_of(heatmap_head, score_head) -> str:
+    """The name of the style (:data:`HEAD_STYLES`) these heads are, or ``"custom"``."""
+    heads = {"heatmap_head": to_dict(heatmap_head), "score_head": to_dict(score_head)}
+    for name, style in HEAD_STYLES.items():
+        if to_dict(style) == heads:
+            return name
+    return CUSTOM_HEADS
+
+
+def expand_head_style(settings: Mapping) -> dict:
+    """``settings`` (one layer of model settings) with a named ``head_style`` replaced by both heads of
+    that style, the layer's own head keys applied on top (see the module docstring)."""
+    out = dict(settings)
+    style = out.pop("head_style", None)
+    if style is None or style == CUSTOM_HEADS:
+        return out
+    if style not in HEAD_STYLES:
+        raise ConfigError(f"model.head_style: unknown style {style!r}; choose from {sorted(HEAD_STYLES)}")
+    for key, heads in HEAD_STYLES[style].items():
+        given = to_dict(out.get(key, {}))
+        out[key] = merge(heads, given) if isinstance(given, dict) else given
+    return out
+
+
+def preset_settings(name: str, overrides: Optional[Mapping] = None) -> dict:
+    """The settings of preset ``name`` with ``overrides`` on top, head styles expanded (a dict that
+    :func:`~rahf.configtools.from_dict` turns into a :class:`RAHFConfig`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    data = merge(expand_head_style(PRESETS[name]), {"preset": name})
+    return merge(data, expand_head_style(overrides)) if overrides else data
+
+
+def _task_prompts() -> dict:
+    return {**{m: f"heatmap: {m}" for m in MAP_NAMES}, **{s: f"score: {s}" for s in SCORE_NAMES},
+            "keywords": "keywords: misaligned"}
 
 
 @dataclass
 class RAHFConfig:
-    preset: str = "paper"
+    """The model's configuration; the defaults are the ``tiny`` preset (``RAHFConfig() ==
+    RAHFConfig.preset("tiny")``). ``RAHFConfig.preset(name, **overrides)`` builds a named preset."""
+
+    preset: str = "tiny"
     variant: Literal["multi_head", "augmented_prompt"] = "multi_head"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    head_style: Optional[str] = None  # a HEAD_STYLES name or "custom"; None: read off the heads
     heatmap_head: HeatmapHeadConfig = field(default_factory=HeatmapHeadConfig)
     score_head: ScoreHeadConfig = field(default_factory=ScoreHeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    task_prompts: dict = field(default_factory=lambda: {
-        "implausibility": "heatmap: implausibility",
-        "misalignment": "heatmap: misalignment",
-        "plausibility": "score: plausibility",
-        "alignment": "score: alignment",
-        "aesthetics": "score: aesthetics",
-        "overall": "score: overall",
-        "keywords": "keywords: misaligned",
-    })
+    task_prompts: dict = field(default_factory=_task_prompts)  # per task (TASKS order): the encoder's text
+
+    def __post_init__(self):
+        found = head_style_of(self.heatmap_head, self.score_head)
+        if self.head_style is None or self.head_style == CUSTOM_HEADS:
+            self.head_style = found
+        elif self.head_style not in HEAD_STYLES:
+            raise ConfigError(f"model.head_style: unknown style {self.head_style!r}; "
+                              f"choose from {sorted(HEAD_STYLES)} or {CUSTOM_HEADS!r}")
+        elif self.head_style != found:
+            raise ConfigError(f"model.head_style={self.head_style!r}, but heatmap_head/score_head are not that "
+                              f"style's ({found}); build the config with RAHFConfig.preset(..., "
+                              f"head_style={self.head_style!r}) or from_dict, which apply the style")
 
     # ---- derived geometry -------------------------------------------------------------
     @property
@@ -108,22 +196,14 @@ class RAHFConfig:
     def heatmap_size(self) -> int:
         return self.grid_size * (2 ** len(self.heatmap_head.up_channels)) * self.heatmap_head.upsample
 
-    # ---- presets and (de)serialisation --------------------------------------------------
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "RAHFConfig":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        data = merge(PRESETS[name], {"preset": name})
-        if overrides:
-            data = merge(data, overrides)
-        return from_dict(cls, data)
-
+    # ---- (de)serialisation (``RAHFConfig.preset`` is attached below the class) ----------
     def to_dict(self) -> dict:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RAHFConfig":
-        return from_dict(cls, data)
+    def from_dict(cls, data: Mapping) -> "RAHFConfig":
+        """Build from a (possibly partial) settings dict; a named ``head_style`` is applied to the heads."""
+        return from_dict(cls, expand_head_style(data))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -138,64 +218,44 @@ class RAHFConfig:
                 f"model.vision.img_size={self.vision.img_size} is not a multiple of patch_size={self.vision.patch_size}")
         if self.heatmap_head.upsample < 1:
             raise ConfigError("model.heatmap_head.upsample must be >= 1")
-        for k in SCORE_NAMES + MAP_NAMES + ("keywords",):
+        for k in TASKS:
             if self.variant == "augmented_prompt" and k not in self.task_prompts:
                 raise ConfigError(f"model.task_prompts lacks an entry for {k!r}")
         if self.text.d_model % self.text.num_heads and self.text.d_kv * self.text.num_heads == 0:
             raise ConfigError("model.text: d_kv * num_heads must be positive")
 
-    def replace(self, **kw) -> "RAHFConfig":
-        return dataclasses.replace(self, **kw)
+    def replace(self, **changes) -> "RAHFConfig":
+        """A copy with ``changes`` (settings or sub-configs) applied like an overrides layer."""
+        base = self.to_dict()
+        del base["head_style"]  # read off the resulting heads
+        return type(self).from_dict(merge(base, expand_head_style({k: to_dict(v) for k, v in changes.items()})))
 
 
-# Named head styles (overrides of ``heatmap_head``/``score_head``), absolute in channels; the output
-# size of every style is patch grid × 16. "repro" is the public reproduction's heads;
-# "light" predicts the heatmap at 1/4 size with few channels where the map is large, then upsamples
-# the logits bilinearly ×4 (the annotated maps are soft disks of radius ~1/20 of the image), and
-# narrows the score heads' convs. "light_heatmap": the light heatmap head with the reproduction's score heads.
-_REPRO_HEATMAP = {"stem_channels": (768, 384), "up_channels": (768, 384, 384, 192), "final_channels": 192,
-                  "upsample": 1, "residual": True}
-_LIGHT_HEATMAP = {"stem_channels": (384,), "up_channels": (256, 128), "final_channels": 64, "upsample": 4,
-                  "residual": True}
-_REPRO_SCORE = {"channels": (), "mlp": (512, 128)}
-_LIGHT_SCORE = {"channels": (256, 64, 16), "mlp": (512, 128)}
-HEAD_STYLES: dict[str, dict] = {
-    "repro": {"heatmap_head": _REPRO_HEATMAP, "score_head": _REPRO_SCORE},
-    "light": {"heatmap_head": _LIGHT_HEATMAP, "score_head": _LIGHT_SCORE},
-    "light_heatmap": {"heatmap_head": _LIGHT_HEATMAP, "score_head": _REPRO_SCORE},
-}
+def _preset(cls, name: str, **overrides) -> RAHFConfig:
+    """The named preset (:data:`PRESETS`), with ``overrides`` (nested settings) on top."""
+    return from_dict(cls, preset_settings(name, overrides))
 
+
+# Attached after @dataclass so that the ``preset`` field keeps its default ("tiny"); on an instance,
+# ``config.preset`` is the field (the preset's name).
+RAHFConfig.preset = classmethod(_preset)
+
+
+_ARCH_OWN = {"embed_dim": None, "depth": None, "num_heads": None, "mlp_ratio": None}  # the timm architecture's
+_T5_BASE = {"d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12,
+            "dropout_rate": 0.1, "tokenizer": "t5-base", "vocab_size": 32128, "max_prompt_tokens": 64,
+            "max_target_tokens": 96}
+_PLAIN_LOSS = {"heatmap": 1.0, "score": 1.0, "text": 1.0, "heatmap_positive_weight": 1.0}
+
+# Each preset: what differs from the field defaults (= tiny). Light heads are the default of the big
+# presets (model.head_style=repro restores the reproduction's).
 PRESETS: dict[str, dict] = {
-    # The tests' and the CPU main job's model: 128 px images, 8×8 patches, a 2+2 layer T5 of width 128.
-    "tiny": {
-        "vision": {"arch": "vit_tiny_patch16_224", "img_size": 128, "patch_size": 16, "embed_dim": 128,
-                   "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
-        "text": {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 3, "num_decoder_layers": 2,
-                 "num_heads": 4, "dropout_rate": 0.0, "max_prompt_tokens": 40, "max_target_tokens": 48},
-        # Light heads: predict at 32×32 and upsample ×2 (2.3× fewer FLOPs than a full-resolution head;
-        # the targets are soft disks).
-        "heatmap_head": {"stem_channels": (64,), "up_channels": (32, 16), "final_channels": 16, "upsample": 2},
-        "score_head": {"channels": (64, 32, 16, 8), "mlp": (128, 64)},
-        # Synth maps are sparse and the CE term dominates at weights 1/1/1: weight heatmaps and
-        # scores up and give positive pixels more weight.
-        "loss": {"heatmap": 10.0, "score": 10.0, "text": 1.0, "heatmap_positive_weight": 5.0},
-    },
+    # The tests' and the CPU main job's model: 128 px images, 8×8 patches, a 3+2 layer T5 of width 128.
+    "tiny": {},
     # The paper's size: ViT-B/16 at 224 px + T5-base.
-    "paper": {
-        "vision": {"arch": "vit_base_patch16_224", "img_size": 224, "patch_size": 16},
-        "text": {"tokenizer": "t5-base", "vocab_size": 32128},
-        # Light heads (6 vs 233 GFLOP per heatmap head per image; model.head_style=repro restores the
-        # reproduction's): on synth, at the same step budget, the light style was no worse.
-        "heatmap_head": _LIGHT_HEATMAP,
-        "score_head": _LIGHT_SCORE,
-    },
+    "paper": {"vision": {"arch": "vit_base_patch16_224", "img_size": 224, **_ARCH_OWN}, "text": _T5_BASE,
+              "head_style": "light", "loss": _PLAIN_LOSS},
     # The public reproduction's best: ViT-L/16 at 384 px (24×24 patches) + T5-base.
-    "large384": {
-        "vision": {"arch": "vit_large_patch16_384", "img_size": 384, "patch_size": 16},
-        "text": {"tokenizer": "t5-base", "vocab_size": 32128},
-        # Light heads (6 vs 233 GFLOP per heatmap head per image; model.head_style=repro restores the
-        # reproduction's): on synth, at the same step budget, the light style was no worse.
-        "heatmap_head": _LIGHT_HEATMAP,
-        "score_head": _LIGHT_SCORE,
-    },
+    "large384": {"vision": {"arch": "vit_large_patch16_384", "img_size": 384, **_ARCH_OWN}, "text": _T5_BASE,
+                 "head_style": "light", "loss": _PLAIN_LOSS},
 }

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from ..schema import TAG, clean_prompt, misaligned_words, split_words  # noqa: F401
+from ..schema import TAG, clean_prompt, misaligned_words, split_words, tag_words  # noqa: F401
 
 __all__ = ["constrained_tagging", "constrained_tag_flags", "word_segments"]
 
@@ -133,5 +133,4 @@ def constrained_tag_flags(model, out, prompts: Sequence[str], margin: float = 0.
 
 def constrained_tagging(model, out, prompts: Sequence[str], margin: float = 0.0) -> list[str]:
     """Tagged prompts (``"a yellow_0 cat"``) whose words are exactly each prompt's words, in order."""
-    return [" ".join(w + TAG if f else w for w, f in zip(words, flags))
-            for words, flags in constrained_tag_flags(model, out, prompts, margin=margin)]
+    return [tag_words(words, flags) for words, flags in constrained_tag_flags(model, out, prompts, margin=margin)]

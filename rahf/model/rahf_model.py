@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -214,8 +215,12 @@ class RAHF(nn.Module):
             self.t5.load_state_dict(sd, strict=False)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path, metadata: Optional[dict] = None) -> None:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``directory``."""
+    def save_pretrained(self, directory: str | Path, metadata: Optional[dict] = None, *,
+                        metrics: Optional[dict] = None, model_card: bool = True) -> None:
+        """Write ``config.json``, ``model.safetensors``, the tokenizer files and the model card ``README.md``
+        (see :func:`rahf.model.card.write_model_card`) to ``directory``. ``metadata`` goes into the
+        safetensors header (e.g. ``{"step": 1200}``); ``metrics`` (evaluation results) into ``metrics.json``
+        and the card (else the card shows a ``metrics.json`` already in the directory)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict()
@@ -223,13 +228,28 @@ class RAHF(nn.Module):
         (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_model(self, str(d / "model.safetensors"), metadata={k: str(v) for k, v in (metadata or {}).items()})
         self.tokenizer.save_pretrained(str(d))
+        if metrics is not None:
+            (d / "metrics.json").write_text(json.dumps(dict(metrics), indent=2) + "\n")
+        if model_card:
+            from .card import write_model_card
+
+            write_model_card(d, metrics=metrics)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: Optional[str | torch.device] = None) -> "RAHF":
-        """Load a model saved by :meth:`save_pretrained` (safetensors only, no unpickling)."""
-        d = Path(directory)
-        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{d} is not a RAHF checkpoint (needs config.json and model.safetensors)")
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: Optional[str | torch.device] = None, *,
+                        revision: Optional[str] = None, cache_dir: Optional[str | os.PathLike] = None,
+                        token: Optional[str | bool] = None, local_files_only: Optional[bool] = None) -> "RAHF":
+        """Load a model saved by :meth:`save_pretrained` (safetensors only, no unpickling) from a local
+        directory or a Hugging Face Hub repo id ``org/name`` / ``org/name@revision``.
+
+        A local directory that exists always wins. Hub repos resolve through the Hugging Face cache
+        (``cache_dir``, default ``HF_HUB_CACHE``); offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``)
+        from the cache alone. ``token``: for private or gated repos. See :mod:`rahf.model.hub`.
+        """
+        from .hub import resolve_checkpoint
+
+        d = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                               local_files_only=local_files_only)
         config = RAHFConfig.load(d / "config.json")
         tokenizer = load_tokenizer(str(d)) if (d / "tokenizer_config.json").is_file() else None
         model = cls(config, tokenizer=tokenizer)

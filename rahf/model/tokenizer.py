@@ -24,6 +24,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..schema import TAG
+
 SPECIAL = ["<pad>", "</s>", "<unk>"]
 _TAG_SPACE = re.compile(r"\s+" + re.escape(TAG) + r"(?=\s|$)")
 

@@ -34,7 +34,9 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
 
-from .textnorm import roc_auc
+from .._extras import require
+from ..eval.metrics import roc_auc
+from ..schema import MAP_NAMES, SCORE_NAMES, parse_tagged
 
 __all__ = [
     "Standardizer",
@@ -219,10 +221,9 @@ def binarize(values, threshold="median", reference=None) -> tuple[np.ndarray, fl
 # ----------------------------------------------------------------------------------------------
 # stage 1 from RAHF predictions
 # ----------------------------------------------------------------------------------------------
-SCORE_ATTRS = ("plausibility", "alignment", "aesthetics", "overall")
 MAP_STATS = ("mean", "max", "area")
-RAHF_ATTRIBUTES: tuple[str, ...] = SCORE_ATTRS + tuple(f"{m}_{s}" for m in ("implausibility", "misalignment")
-                                                         for s in MAP_STATS) + ("misaligned_words", "misaligned_frac")
+RAHF_ATTRIBUTES: tuple[str, ...] = SCORE_NAMES + tuple(f"{m}_{s}" for m in MAP_NAMES
+                                                        for s in MAP_STATS) + ("misaligned_words", "misaligned_frac")
 
 
 def _get(res, key):
@@ -245,8 +246,8 @@ def rahf_attributes(result) -> dict[str, float]:
     """Fine-grained attributes from one scorer result: the four predicted scores; for each heatmap
     its mean, max and area (fraction of pixels > 0.5); the number and fraction of prompt words the
     decoder tagged as misaligned (0 when the scorer did not decode)."""
-    out = {k: float(_get(result, "scores")[k]) for k in SCORE_ATTRS}
-    for m in ("implausibility", "misalignment"):
+    out = {k: float(_get(result, "scores")[k]) for k in SCORE_NAMES}
+    for m in MAP_NAMES:
         a = _map(result, m)
         out[f"{m}_mean"] = float(a.mean())
         out[f"{m}_max"] = float(a.max())
@@ -256,7 +257,7 @@ def rahf_attributes(result) -> dict[str, float]:
         tagged = _get(result, "tagged_prompt") or ""
     except (KeyError, AttributeError):
         words, tagged = [], ""
-    n_words = max(1, len(tagged.split()))
+    n_words = max(1, len(parse_tagged(tagged)[0]))
     out["misaligned_words"] = float(len(words))
     out["misaligned_frac"] = float(len(words)) / n_words
     return out
@@ -345,8 +346,7 @@ def format_curve_table(curve: Mapping, metric: str = "ROC-AUC") -> str:
 
 def plot_curves(curve: Mapping, path: str | Path, title: str = "", ylabel: str = "ROC-AUC (held out)") -> None:
     """Save a PNG of the curves (x: label budget, log scale; y: mean with a ±std band)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="report", purpose="plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -445,7 +445,7 @@ def synth_attributes(record, aesthetics_threshold: float = 0.55) -> dict[str, in
         "artifact": int(len(sc.artifacts) > 0),
         "dull": int(sc.dull > 0.5),
         "cluttered": int(len(drawn) >= 4),
-        "misaligned": int("_0" in record.tagged_prompt),
+        "misaligned": int(any(record.misaligned)),
         "aesthetic": int(record.scores["aesthetics"] >= aesthetics_threshold),
         "relation": int(sc.spec.relation is not None),
         "big": int(any(g.size == "big" for g in sc.drawn)),

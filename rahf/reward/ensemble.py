@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .textnorm import ranking_metrics, textnorm
+from ..eval.metrics import ranking_metrics
+from .textnorm import textnorm
 
 __all__ = ["mean_ensemble", "uncertainty_ensemble", "ensemble_rewards", "ensemble_report"]
 

@@ -1,5 +1,5 @@
-"""TextNorm : reward calibration over semantically contrastive prompts, and the
-ranking metrics used to judge a reward as a detector of aligned vs misaligned (image, prompt) pairs.
+"""TextNorm: reward calibration over semantically contrastive prompts, and the ranking metrics used
+to judge a reward as a detector of aligned vs misaligned (image, prompt) pairs.
 
 Three parts, all pure numpy/scipy (no model needed):
 
@@ -23,10 +23,11 @@ Three parts, all pure numpy/scipy (no model needed):
   nothing. Contrasts may be ragged: pad with NaN (ignored).
 
 * **Ranking metrics** -- :func:`roc_auc` (Mann-Whitney with average ranks: ties count 1/2),
-  :func:`average_precision` (AUPRC as step-wise average precision, ties grouped as one threshold,
-  the convention of scikit-learn's ``average_precision_score``), :func:`ap_at_k`,
-  :func:`spearman`, :func:`kendall_tau` (tau-b), and :func:`ranking_metrics` bundling them.
-  The positive class is label 1 (here: *aligned*); a good reward ranks positives first.
+  :func:`average_precision` (AUPRC as step-wise average precision, ties grouped as one threshold),
+  :func:`ap_at_k`, :func:`spearman`, :func:`kendall_tau` (tau-b), and :func:`ranking_metrics`
+  bundling them. They are defined once, in :mod:`rahf.eval.metrics` (``spearman`` is its
+  :func:`~rahf.eval.metrics.srcc`), and re-exported here. The positive class is label 1 (here:
+  *aligned*); a good reward ranks positives first.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy.special import logsumexp
-from scipy.stats import rankdata
+
+from ..eval.metrics import RANKING_METRICS as METRIC_NAMES
+from ..eval.metrics import ap_at_k, average_precision, kendall_tau, ranking_metrics, roc_auc
+from ..eval.metrics import srcc as spearman
+from ..lexicon import COLOUR_WORDS, COUNT_WORDS, PLURALS, RELATIONS, SIZE_WORDS
 
 __all__ = [
     "Vocabulary",
@@ -113,12 +118,10 @@ class Vocabulary:
 
 
 def default_vocabulary() -> Vocabulary:
-    """The synth generator's words (colours, shapes, counts two/three, sizes, relations)."""
-    from rahf.data import synth
-
-    numerals = [w for n, ws in synth.COUNT_WORDS.items() if n > 1 for w in ws]
-    return Vocabulary(colours=list(synth.COLOURS), nouns=dict(synth.PLURALS), numerals=numerals,
-                      sizes=[s for s in synth.SIZES if s], relations=list(synth.RELATIONS))
+    """The synth dataset's words (:mod:`rahf.lexicon`: colours, shapes, counts two/three, sizes, relations)."""
+    numerals = [w for n, ws in COUNT_WORDS.items() if n > 1 for w in ws]
+    return Vocabulary(colours=list(COLOUR_WORDS), nouns=dict(PLURALS), numerals=numerals, sizes=list(SIZE_WORDS),
+                      relations=list(RELATIONS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,120 +293,6 @@ def textnorm(reward, contrast_rewards, tau: float = 1.0) -> np.ndarray:
     give the limits (see the module docstring). Returns float64 (N,) values in [0, 1].
     """
     return np.exp(log_textnorm(reward, contrast_rewards, tau))
-
-
-# ----------------------------------------------------------------------------------------------
-# ranking metrics
-# ----------------------------------------------------------------------------------------------
-def _xy(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels).reshape(-1)
-    if s.shape != y.shape:
-        raise ValueError(f"{s.size} scores but {y.size} labels")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores must be finite")
-    yb = y.astype(bool)
-    if not np.array_equal(yb.astype(np.float64), y.astype(np.float64)):
-        raise ValueError("labels must be 0/1")
-    return s, yb
-
-
-def roc_auc(scores, labels) -> float:
-    """ROC-AUC = P(score of a random positive > that of a random negative) + 1/2 P(tie), by the
-    rank-sum statistic with average ranks. NaN if either class is empty."""
-    s, y = _xy(scores, labels)
-    npos, nneg = int(y.sum()), int((~y).sum())
-    if npos == 0 or nneg == 0:
-        return math.nan
-    r = rankdata(s)
-    return float((r[y].sum() - npos * (npos + 1) / 2.0) / (npos * nneg))
-
-
-def average_precision(scores, labels) -> float:
-    """AUPRC as average precision: sum over distinct thresholds (descending) of
-    (recall_t - recall_{t-1}) * precision_t, tied scores forming one threshold. NaN if no positive."""
-    s, y = _xy(scores, labels)
-    npos = int(y.sum())
-    if npos == 0:
-        return math.nan
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each tie group
-    tp = np.cumsum(y)[last].astype(np.float64)
-    prec = tp / (last + 1)
-    rec = tp / npos
-    return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
-
-
-def ap_at_k(scores, labels, k: int) -> float:
-    """Average precision at k: (1 / min(k, #positives)) * sum_{i <= k, item i positive} precision@i,
-    items ranked by descending score (ties kept in input order). NaN if there is no positive."""
-    s, y = _xy(scores, labels)
-    npos = int(y.sum())
-    if npos == 0:
-        return math.nan
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    order = np.argsort(-s, kind="mergesort")[:k]
-    rel = y[order].astype(np.float64)
-    prec = np.cumsum(rel) / np.arange(1, rel.size + 1)
-    return float(np.sum(prec * rel) / min(k, npos))
-
-
-def spearman(a, b) -> float:
-    """Spearman rho (Pearson correlation of average ranks); NaN if either input is constant."""
-    x = rankdata(np.asarray(a, dtype=np.float64).reshape(-1))
-    y = rankdata(np.asarray(b, dtype=np.float64).reshape(-1))
-    if x.size != y.size:
-        raise ValueError("length mismatch")
-    if x.size < 2 or x.max() == x.min() or y.max() == y.min():
-        return math.nan
-    x, y = x - x.mean(), y - y.mean()
-    return float(np.clip(np.dot(x, y) / math.sqrt(np.dot(x, x) * np.dot(y, y)), -1.0, 1.0))
-
-
-def kendall_tau(a, b) -> float:
-    """Kendall tau-b: (C - D) / sqrt((P - T_a)(P - T_b)) over all pairs (P = n(n-1)/2, T_* = pairs
-    tied in one input). Exact O(n^2) in row blocks. NaN if either input is constant."""
-    x = np.asarray(a, dtype=np.float64).reshape(-1)
-    y = np.asarray(b, dtype=np.float64).reshape(-1)
-    if x.size != y.size:
-        raise ValueError("length mismatch")
-    n = x.size
-    if n < 2:
-        return math.nan
-    s = 0.0
-    tx = ty = 0
-    step = max(1, (1 << 22) // max(n, 1))
-    for i0 in range(0, n, step):
-        i1 = min(n, i0 + step)
-        dx = np.sign(x[i0:i1, None] - x[None, :])
-        dy = np.sign(y[i0:i1, None] - y[None, :])
-        s += float((dx * dy).sum())
-        tx += int((dx == 0).sum())
-        ty += int((dy == 0).sum())
-    # each unordered pair counted twice; the diagonal (n self-pairs) is tied in both
-    pairs = n * (n - 1) / 2.0
-    ta, tb = (tx - n) / 2.0, (ty - n) / 2.0
-    den = math.sqrt((pairs - ta) * (pairs - tb))
-    if den == 0:
-        return math.nan
-    return float(np.clip(s / 2.0 / den, -1.0, 1.0))
-
-
-METRIC_NAMES: tuple[str, ...] = ("auroc", "auprc", "ap@k", "spearman", "kendall")
-
-
-def ranking_metrics(scores, labels, ks: Sequence[int] = (10, 50)) -> dict[str, float]:
-    """AUROC, AUPRC, AP@k for each k, Spearman rho and Kendall tau-b between the scores and the
-    0/1 labels (1 = the positive class, e.g. aligned)."""
-    s, y = _xy(scores, labels)
-    out = {"auroc": roc_auc(s, y), "auprc": average_precision(s, y)}
-    for k in ks:
-        out[f"ap@{k}"] = ap_at_k(s, y, k)
-    out["spearman"] = spearman(s, y.astype(np.float64))
-    out["kendall"] = kendall_tau(s, y.astype(np.float64))
-    return out
 
 
 def format_metric_table(rows: Mapping[str, Mapping[str, float]], title: str = "reward") -> str:

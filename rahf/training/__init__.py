@@ -1,6 +1,22 @@
-"""The trainer (imports accelerate; the model library does not)."""
+"""The trainer (imports accelerate; the model library does not). Names are imported on first use,
+so ``rahf --help`` does not load torch."""
 
-from .config import TrainConfig, resolve_config
-from .trainer import Trainer, main
+_LAZY = {
+    "TrainConfig": ("rahf.training.config", "TrainConfig"),
+    "resolve_config": ("rahf.training.config", "resolve_config"),
+    "Trainer": ("rahf.training.trainer", "Trainer"),
+    "main": ("rahf.training.trainer", "main"),
+}
 
-__all__ = ["TrainConfig", "Trainer", "main", "resolve_config"]
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rahf.training' has no attribute {name!r}")

@@ -1,21 +1,21 @@
 """Full-state training checkpoints, written atomically and read without unpickling arbitrary objects.
 
-A checkpoint directory ``checkpoints/step_000123/`` holds:
+A checkpoint directory ``checkpoints/step_000123/`` holds, for the objects named in
+:class:`Checkpointed`:
 
-* ``model.safetensors``   the (unwrapped) model weights
+* ``model.safetensors``   the model's weights (the unwrapped model)
 * ``optimizer.pt``        the optimizer's state dict (tensors and numbers; loaded with ``weights_only=True``)
-* ``rng_<rank>.pt``       torch (and CUDA) RNG states per process (``weights_only=True``)
-* ``rng_<rank>.json``     Python and NumPy RNG states per process
-* ``scheduler.json``      the LR scheduler's state
-* ``trainer_state.json``  step, epoch, batch position in the epoch, best metric, samples seen
+* ``scheduler.json``      the learning-rate scheduler's state dict
+* ``rng_<rank>.pt``       torch (and CUDA) RNG states of each process (``weights_only=True``)
+* ``rng_<rank>.json``     Python and NumPy RNG states of each process
+* ``trainer_state.json``  the trainer's counters: step, samples seen, best metric, and the data position
+                          (epoch, batch within the epoch)
 * ``config.json``         the resolved training config (resume refuses a different one unless forced)
 * ``checkpoint.json``     the manifest, written last: a directory without it is incomplete
 
 Writes go to ``.tmp-step_000123/`` first and are renamed into place, so a kill at any point leaves
 either the previous checkpoints or a complete new one; ``--resume latest`` ignores anything else.
-
-Testing hook: :func:`fault` (environment variable ``RAHF_FAULT``, see there) kills the process or
-corrupts a value at a named point, so that tests can reproduce kills and numerical faults.
+The accelerator is used only through its public API (process rank and count, barriers, printing).
 """
 
 from __future__ import annotations
@@ -27,66 +27,29 @@ import pickle
 import random
 import re
 import shutil
-import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from .faults import fault
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "checkpoint.json"
+TRAINING_INFO = "training.json"  # written by atomic_save_pretrained next to an exported model
 
 
-# ----------------------------------------------------------------------------- fault injection (tests only)
-FAULT_ENV = "RAHF_FAULT"
-KILL_POINTS = {
-    "mid_step": "after step N's backward pass, before its optimizer update",
-    "mid_eval": "during the evaluation at step N, after its first batch",
-    "checkpoint_write": "while step N's checkpoint is half written (weights and optimizer, no manifest)",
-    "checkpoint_publish": "right after step N's checkpoint is renamed into place, before older ones are pruned",
-}
-FLAG_POINTS = {
-    "nan_loss": "step N's loss becomes NaN",
-    "nan_grad": "a gradient of step N becomes NaN (before the gradient-norm check)",
-    "stall": "after step N the loop waits (up to 120 s) for SIGTERM/SIGINT",
-}
-_fired: set = set()
+@dataclass
+class Checkpointed:
+    """The objects a checkpoint saves and restores (besides the RNG states and the trainer's counters)."""
 
-
-def parse_faults(spec: Optional[str]) -> list[tuple[str, int]]:
-    """``"checkpoint_write@4,nan_loss@3"`` → ``[("checkpoint_write", 4), ("nan_loss", 3)]``; a bad item
-    raises ValueError."""
-    out = []
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, _, at = item.partition("@")
-        if name not in KILL_POINTS and name not in FLAG_POINTS:
-            raise ValueError(f"{FAULT_ENV}: unknown fault point {name!r}; "
-                             f"choose from {sorted(KILL_POINTS) + sorted(FLAG_POINTS)}")
-        if not at.strip().isdigit():
-            raise ValueError(f"{FAULT_ENV}: {item!r} must look like POINT@STEP, e.g. mid_step@3")
-        out.append((name, int(at)))
-    return out
-
-
-def fault(point: str, step: int) -> bool:
-    """Testing hook. If ``$RAHF_FAULT`` names ``point@step`` (comma-separated list), a kill point sends
-    this process SIGKILL; a flag point returns True (once per process). Unset: returns False at once."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return False
-    if (point, step) in parse_faults(spec) and (point, step) not in _fired:
-        _fired.add((point, step))
-        if point in KILL_POINTS:
-            print(f"{FAULT_ENV}: killing process {os.getpid()} at {point}@{step}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return True
-    return False
+    model: torch.nn.Module  # unwrapped (no DDP / compile wrapper): its state dict keys are the model's own
+    optimizer: Any  # anything with state_dict() / load_state_dict(), e.g. accelerate's wrapped optimizer
+    scheduler: Any  # likewise; its state dict must be JSON (LambdaLR's is: numbers and lists)
 
 
 def _write_json(path: Path, data) -> None:
@@ -104,13 +67,18 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def atomic_save_pretrained(model, directory: Path, metadata: Optional[dict] = None) -> None:
-    """``model.save_pretrained`` into a temporary sibling, then swap it into place."""
+def atomic_save_pretrained(model, directory: Path, metadata: Optional[dict] = None,
+                           training: Optional[dict] = None) -> None:
+    """``model.save_pretrained`` into a temporary sibling, then swap it into place. ``metadata`` goes
+    into the safetensors header; ``training`` (how the weights were trained: step, limits, an early
+    stop) into ``training.json`` beside them."""
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, metadata=metadata)
+    if training is not None:
+        write_training_info(tmp, training)
     old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
     if directory.exists():
         os.replace(directory, old)
@@ -118,6 +86,11 @@ def atomic_save_pretrained(model, directory: Path, metadata: Optional[dict] = No
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(directory.parent)
+
+
+def write_training_info(directory: Path, info: dict) -> None:
+    """``directory/training.json``: how the model saved there was trained."""
+    _write_json(Path(directory) / TRAINING_INFO, info)
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
@@ -131,7 +104,7 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 RESUME_TOLERANT = {("data", "num_workers"), ("data", "pin_memory"), ("train", "log_every"), ("tracking",),
                    ("eval", "max_batches"), ("run", "name"), ("train", "threads"), ("checkpoint",),
                    ("train", "time_limit_minutes"), ("train", "stop_after_steps"), ("eval", "every"),
-                   ("eval", "batch_size")}
+                   ("eval", "batch_size"), ("model", "head_style")}  # head_style: a label read off the heads
 
 
 def _strip_tolerant(cfg: dict) -> dict:
@@ -155,7 +128,34 @@ def _load_tensors(path: Path):
                          f"(torch.load with weights_only=True): {first}") from e
 
 
+def rng_states() -> tuple[dict, dict]:
+    """This process's RNG states: ``(torch, python_and_numpy)``, the first for ``torch.save`` (tensors),
+    the second JSON."""
+    torch_states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        torch_states["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    other = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return torch_states, other
+
+
+def set_rng_states(torch_states: dict, other: dict) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(torch_states["torch"])
+    if "cuda" in torch_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch_states["cuda"])
+    py = other["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = other["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
 class CheckpointManager:
+    """The checkpoints of one run in ``directory``: writes (atomic, the newest ``keep_last`` kept),
+    finds the newest complete one, and restores a run's state from one."""
+
     def __init__(self, directory: Path, keep_last: int = 2):
         self.dir = Path(directory)
         self.keep_last = keep_last
@@ -193,7 +193,9 @@ class CheckpointManager:
         return p
 
     # ---- save
-    def save(self, accelerator, state: dict, config: dict) -> Path:
+    def save(self, accelerator, objects: Checkpointed, state: dict, config: dict) -> Path:
+        """Write checkpoint ``state["step"]`` (collective: every process calls it, each saves its RNG
+        states; the main process writes the rest, the manifest last, then renames it into place)."""
         step = state["step"]
         final = self.dir / f"step_{step:06d}"
         tmp = self.dir / f".tmp-step_{step:06d}"
@@ -204,28 +206,16 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        model = accelerator.unwrap_model(accelerator._models[0], keep_torch_compile=False) if accelerator._models else None
-        optimizer = accelerator._optimizers[0] if accelerator._optimizers else None
-        files = []
         if accelerator.is_main_process:
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-                       tmp / "optimizer.pt")
-            sched = accelerator._custom_objects[0] if accelerator._custom_objects else None
-            _write_json(tmp / "scheduler.json", sched.state_dict() if sched is not None else {})
+            save_model(objects.model, str(tmp / "model.safetensors"))
+            torch.save(objects.optimizer.state_dict(), tmp / "optimizer.pt")
+            _write_json(tmp / "scheduler.json", objects.scheduler.state_dict())
             _write_json(tmp / "trainer_state.json", state)
             _write_json(tmp / "config.json", config)
             fault("checkpoint_write", step)
-        # every process saves its own RNG states
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, tmp / f"rng_{rank}.pt")
-        np_state = np.random.get_state()
-        py_state = random.getstate()
-        _write_json(tmp / f"rng_{rank}.json", {
-            "python": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]})
+        torch_states, other = rng_states()
+        torch.save(torch_states, tmp / f"rng_{rank}.pt")
+        _write_json(tmp / f"rng_{rank}.json", other)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = sorted(p.name for p in tmp.iterdir())
@@ -252,7 +242,10 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ---- load
-    def load(self, accelerator, path: Path, config: dict, force: bool = False) -> dict:
+    def load(self, accelerator, path: Path, objects: Checkpointed, config: dict, force: bool = False) -> dict:
+        """Restore ``objects`` and this process's RNG states from checkpoint ``path``; returns the
+        trainer state. A checkpoint written with a different config (beyond :data:`RESUME_TOLERANT`)
+        is refused with a diff unless ``force``."""
         path = Path(path)
         saved_cfg = json.loads((path / "config.json").read_text())
         if _strip_tolerant(saved_cfg) != _strip_tolerant(config):
@@ -261,23 +254,11 @@ class CheckpointManager:
                 raise ValueError(f"checkpoint {path} was written with a different config; refusing to resume "
                                  f"(pass --force to resume anyway):\n{diff}")
             accelerator.print(f"warning: resuming {path} with a different config (--force):\n{diff}")
-        model = accelerator.unwrap_model(accelerator._models[0], keep_torch_compile=False)
-        load_model(model, str(path / "model.safetensors"), strict=True, device=str(accelerator.device))
-        optimizer = accelerator._optimizers[0]
-        opt_state = _load_tensors(path / "optimizer.pt")
-        (optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).load_state_dict(opt_state)
-        if accelerator._custom_objects:
-            accelerator._custom_objects[0].load_state_dict(json.loads((path / "scheduler.json").read_text()))
+        load_model(objects.model, str(path / "model.safetensors"), strict=True, device=str(accelerator.device))
+        objects.optimizer.load_state_dict(_load_tensors(path / "optimizer.pt"))
+        objects.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         rank = accelerator.process_index
         rng_file = path / f"rng_{rank}.pt"
         if rng_file.is_file():
-            rng = _load_tensors(rng_file)
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-            js = json.loads((path / f"rng_{rank}.json").read_text())
-            py = js["python"]
-            random.setstate((py[0], tuple(py[1]), py[2]))
-            n = js["numpy"]
-            np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+            set_rng_states(_load_tensors(rng_file), json.loads((path / f"rng_{rank}.json").read_text()))
         return json.loads((path / "trainer_state.json").read_text())

@@ -1,4 +1,8 @@
-"""The training job's configuration: defaults ⊕ YAML file ⊕ dotted command-line overrides."""
+"""The training job's configuration: defaults ⊕ YAML file ⊕ dotted command-line overrides.
+
+The defaults are the embedded job's (the tiny model on 3000/200/300 synth records of 128 px); a YAML
+file lists only what differs from them (``configs/default.yaml`` nearly nothing).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..model.config import RAHFConfig
 from ..configtools import ConfigError, build, load_yaml, merge, overrides_to_dict, to_dict
-
-
-@dataclass
-class SynthConfig:
-    """Used when ``data.root`` holds no dataset and ``data.generate_synth`` is true."""
-
-    train: int = 3000
-    dev: int = 200
-    test: int = 300
-    size: int = 128
-    seed: int = 0
+from ..data.synth import SynthConfig
+from ..model.config import RAHFConfig, preset_settings
 
 
 @dataclass
@@ -29,7 +23,7 @@ class DataConfig:
     eval_split: str = "dev"
     test_split: str = "test"
     generate_synth: bool = True  # generate synth data at data.root if it holds no dataset
-    synth: SynthConfig = field(default_factory=SynthConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)  # what is generated (the generator's defaults)
     num_workers: int = 1
     pin_memory: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
@@ -100,7 +94,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    model: RAHFConfig = field(default_factory=lambda: RAHFConfig.preset("tiny"))
+    model: RAHFConfig = field(default_factory=RAHFConfig)  # the tiny preset
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -112,7 +106,9 @@ class TrainConfig:
 
 def resolve_config(config_file: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
     """defaults ⊕ YAML ⊕ overrides. ``model.preset`` (in either layer) picks the model's base preset
-    before the model's other keys apply. Unknown keys raise :class:`ConfigError` naming the closest."""
+    before the model's other keys apply; a named ``model.head_style`` sets both heads, and head keys
+    apply on top (see :mod:`rahf.model.config`). Unknown keys raise :class:`ConfigError` naming the
+    closest."""
     layers = [load_yaml(config_file)] if config_file else []
     layers.append(overrides_to_dict(overrides or []))
     merged: dict = {}
@@ -121,17 +117,10 @@ def resolve_config(config_file: Optional[str] = None, overrides: Optional[list[s
     model_layer = merged.pop("model", {}) or {}
     if not isinstance(model_layer, dict):
         raise ConfigError("model: expected a mapping")
-    preset = model_layer.get("preset", "tiny")
-    model_layer = dict(model_layer)
-    style = model_layer.pop("head_style", None)  # repro | light | light_heatmap (see rahf.model.config.HEAD_STYLES)
-    base = to_dict(TrainConfig(model=RAHFConfig.preset(preset)))
-    if style is not None:
-        from ..model.config import HEAD_STYLES
-
-        if style not in HEAD_STYLES:
-            raise ConfigError(f"model.head_style: unknown style {style!r}; choose from {sorted(HEAD_STYLES)}")
-        base["model"] = merge(base["model"], to_dict(HEAD_STYLES[style]))
-    cfg = build(TrainConfig, base, merged, {"model": model_layer})
+    base = to_dict(TrainConfig())
+    default_model = base.pop("model")
+    model = preset_settings(model_layer.get("preset", default_model["preset"]), model_layer)
+    cfg = build(TrainConfig, base, merged, {"model": model})
     check_config(cfg)
     return cfg
 
@@ -182,3 +171,13 @@ def default_config_path() -> Optional[Path]:
         if p.is_file():
             return p
     return None
+
+
+def add_arguments(p) -> None:
+    """The training command's arguments (``train.py`` and ``rahf train``); no torch import."""
+    p.add_argument("--config", help="YAML file layered over the defaults (default: configs/default.yaml)")
+    p.add_argument("--resume", help="'latest' or a checkpoint directory")
+    p.add_argument("--force", action="store_true", help="resume even if the checkpoint's config differs")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.root=/data/richhf")
+

@@ -10,8 +10,10 @@ after the checkpoint's step are dropped, since those steps are run again), ``bad
 (``data.on_bad_record=skip``: every skipped record once, with its problem), ``checkpoints/``,
 ``best/``, ``export/``, ``result.json``.
 
-Testing hook: ``RAHF_FAULT=POINT@STEP`` (see :func:`rahf.training.checkpoint.fault`) kills the process
-or injects a NaN at a named point; unset, it costs nothing.
+The pieces live beside this module: :mod:`.optim` (AdamW and the schedule), :mod:`.checkpoint`
+(checkpoint I/O), :mod:`.bad_records`, :mod:`.loop_utils` (data order, loaders, signals),
+:mod:`.run_log`, :mod:`.caps` (time limit, early stops), :mod:`.threads` (CPU threads) and
+:mod:`.faults` (the ``RAHF_FAULT`` testing hook).
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,25 +33,25 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from .._extras import require
 from ..configtools import ConfigError, dump_yaml, to_dict
-from ..data.format import DataError, open_dataset, read_dataset_info
+from ..data.format import DataError, open_dataset
 from ..data.torch_data import RAHFCollator, RAHFTorchDataset
-from ..eval.evaluate import evaluate, model_inputs
+from ..eval.evaluate import measurement, metrics_document, model_inputs, other_decode, run_evaluation, write_metrics
+from ..model.card import write_model_card
 from ..model.loss import RAHFLoss
-from ..eval.metrics import format_tables
 from ..model.rahf_model import RAHF
+from .bad_records import BadRecords, SkipEmpty
+from .caps import EarlyStop, TimeLimit, stopped_early_field
+from .checkpoint import CheckpointManager, Checkpointed, atomic_save_pretrained, write_training_info
 from .config import TrainConfig, default_config_path, resolve_config
-from .checkpoint import FAULT_ENV, CheckpointManager, atomic_save_pretrained, fault, parse_faults
+from .faults import FAULT_ENV, fault, parse_faults
+from .loop_utils import EpochSampler, StopRequest, make_loader
+from .optim import build_optimizer
+from .run_log import RunLog
+from .threads import set_threads
 
-
-# ----------------------------------------------------------------------------- set-up helpers
-def git_commit() -> Optional[str]:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:
-        return None
+__all__ = ["Trainer", "add_arguments", "ensure_data", "main", "make_loader", "run"]
 
 
 def ensure_data(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -71,177 +71,14 @@ def ensure_data(cfg: TrainConfig, accelerator: Accelerator) -> None:
                                 f"convert one with `rahf data convert-richhf` or set data.generate_synth=true")
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A permutation that depends only on (seed, epoch): resuming reproduces the data order."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
-def make_loader(ds, collate, batch_size: int, cfg: TrainConfig, sampler=None, shuffle=False):
-    workers = cfg.data.num_workers
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, shuffle=shuffle, collate_fn=collate, num_workers=workers,
-        pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
-        drop_last=False)
-
-
-def param_groups(model: RAHF, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: decay / no-decay (1-D params), and the decoder at its own learning rate."""
-    dec_lr = cfg.optim.decoder_lr or cfg.optim.lr
-    decoder_ids = {id(p) for p in model.parts()["decoder"]}
-    groups: dict[tuple, list] = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr = dec_lr if id(p) in decoder_ids else cfg.optim.lr
-        wd = 0.0 if p.ndim < 2 else cfg.optim.weight_decay
-        groups.setdefault((lr, wd), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-
-
-def lr_lambda(cfg: TrainConfig):
-    warm, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def set_threads(cfg: TrainConfig, accelerator: Accelerator) -> None:
-    if accelerator.device.type != "cpu":
-        return
-    n = cfg.train.threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes)
-    torch.set_num_threads(n)
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._old = {}
-
-    def install(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class BadRecords:
-    """Records skipped under ``data.on_bad_record=skip``: each is appended once to ``path``
-    (``RUN/bad_records.jsonl``: split, uid, where, problem, stage ``manifest``/``load``, step, epoch) when
-    first met, counted per split (a record met again in a later epoch counts once), and checked against
-    ``data.max_bad_fraction`` of the split's records."""
-
-    def __init__(self, path: Path, max_fraction: float, write: bool, keep_existing: bool):
-        self.path, self.max_fraction, self.write = Path(path), max_fraction, write
-        self.known: dict[str, dict[str, str]] = {}  # split -> key -> problem
-        self.totals: dict[str, int] = {}
-        self.epoch_seen: dict[str, dict[str, str]] = {}  # met during the current epoch (listed at its end)
-        if write and not keep_existing and self.path.exists():
-            self.path.unlink()
-        if keep_existing and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    r = json.loads(line)
-                    self.known.setdefault(r["split"], {})[self._key(r)] = r["problem"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-
-    @staticmethod
-    def _key(r: dict) -> str:
-        return str(r.get("where") or r.get("uid"))
-
-    def add(self, split: str, records: list[dict], stage: str, step: int, epoch: int) -> list[dict]:
-        known = self.known.setdefault(split, {})
-        seen = self.epoch_seen.setdefault(split, {})
-        new = []
-        for r in records:
-            k = self._key(r)
-            seen[k] = f"{r.get('uid') or r.get('where')}: {r['problem']}"
-            if k in known:
-                continue
-            known[k] = r["problem"]
-            new.append({"split": split, "uid": r.get("uid"), "where": r.get("where"), "problem": r["problem"],
-                        "stage": stage, "step": step, "epoch": epoch})
-        if new and self.write:
-            with open(self.path, "a", encoding="utf-8") as f:
-                for r in new:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        return new
-
-    def count(self, split: str) -> int:
-        return len(self.known.get(split, {}))
-
-    def check(self, split: str) -> None:
-        n, total = self.count(split), self.totals.get(split, 0)
-        if total and n > self.max_fraction * total:
-            raise DataError(None, f"{n} of {total} records are bad ({n / total:.1%}), more than "
-                                  f"data.max_bad_fraction={self.max_fraction:g} allows; they are listed in {self.path}. "
-                                  f"Fix the data (`rahf data validate` lists every problem) or raise the limit",
-                            f"split {split!r}")
-
-    def take_epoch(self, split: str) -> dict[str, str]:
-        return self.epoch_seen.pop(split, {})
-
-    def summary(self) -> dict[str, dict[str, int]]:
-        return {s: {"bad": self.count(s), "total": self.totals.get(s, 0)} for s in sorted(self.known) if self.count(s)}
-
-
-class SkipEmpty:
-    """Iterates an evaluation loader: collects the batches' ``bad_records``, passes on only batches
-    that hold examples, and calls ``after_first`` once the first batch has been consumed."""
-
-    def __init__(self, loader, after_first=None):
-        self.loader, self.after_first, self.bad = loader, after_first, []
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            self.bad.extend(batch.get("bad_records") or [])
-            if batch["uids"]:
-                yield batch
-            if i == 0 and self.after_first is not None:
-                self.after_first()
-
-
-# ----------------------------------------------------------------------------- the job
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: Optional[str] = None, force: bool = False):
         self.cfg = cfg
         self.resume = resume
         self.force = force
         tracker = cfg.tracking.tracker
+        if tracker != "none":  # accelerate drops a tracker whose library is missing without a word
+            require(tracker, extra="train", purpose=f"tracking.tracker={tracker}")
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.train.mixed_precision,
@@ -263,7 +100,7 @@ class Trainer:
             parse_faults(os.environ.get(FAULT_ENV))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        set_threads(cfg, acc)
+        set_threads(cfg.train.threads, acc)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         name = cfg.run.name or f"{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -276,13 +113,13 @@ class Trainer:
             name = obj[0]
         self.run_dir = Path(cfg.run.output_dir) / name
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.log = RunLog(self.run_dir, acc.is_main_process)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            info = {"git_commit": git_commit(), "argv": sys.argv, "num_processes": acc.num_processes,
-                    "device": str(acc.device), "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            self.log.write_info(num_processes=acc.num_processes, device=str(acc.device))
         acc.wait_for_everyone()
+        self.stopped_early: Optional[EarlyStop] = None
 
     # ---- building
     def build(self):
@@ -301,83 +138,213 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         self.collate = RAHFCollator.for_model(model)
-        self.bad = BadRecords(self.run_dir / "bad_records.jsonl", cfg.data.max_bad_fraction, acc.is_main_process,
+        self.bad = BadRecords(self.run_dir / "bad_records.jsonl", cfg.data.max_bad_fraction, accelerator=acc,
+                              log=self.log.metrics, skip=cfg.data.on_bad_record == "skip",
                               keep_existing=bool(self.resume))
-        self._pending_bad: list[dict] = []
         self._step_uids: list[str] = []
+        self.losses: dict = {}  # the last batch's losses (logged at log steps)
         self.train_ds = self.open_split(cfg.data.train_split)
-        self.eval_ds = (self.open_split(cfg.data.eval_split) if (Path(cfg.data.root) / cfg.data.eval_split).is_dir()
-                        else None)
+        self.eval_ds = (self.open_split(cfg.data.eval_split, stored_maps=True)
+                        if (Path(cfg.data.root) / cfg.data.eval_split).is_dir() else None)
         self.sampler = EpochSampler(len(self.train_ds), cfg.train.seed)
         train_loader = make_loader(self.train_ds, self.collate, cfg.train.batch_size, cfg, sampler=self.sampler)
         eval_loader = (make_loader(self.eval_ds, self.collate, cfg.eval.batch_size, cfg)
                        if self.eval_ds is not None and len(self.eval_ds) else None)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                      eps=cfg.optim.eps, **({"fused": True} if cfg.optim.fused else {}))
+        optimizer, self.scheduler = build_optimizer(model, cfg)
         if cfg.train.compile:
             model = torch.compile(model)
-        # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would
-        # step it once per process).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
-        acc.register_for_checkpointing(self.scheduler)
         self.loss_fn = RAHFLoss(cfg.model.loss)
         self.unwrapped = acc.unwrap_model(self.model, keep_torch_compile=False)
+        self.checkpointed = Checkpointed(model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.grad_accum)
+        self.samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         n_params = sum(p.numel() for p in model.parameters())
         acc.print(f"model {cfg.model.preset}/{cfg.model.variant}: {n_params:,} parameters; "
                   f"{len(self.train_ds)} training examples, {acc.num_processes} process(es) on {acc.device}; "
                   f"run directory {self.run_dir}")
 
-    def open_split(self, split: str) -> RAHFTorchDataset:
-        """A split as a torch dataset; manifest-level bad records are listed (skip) or raised (error)."""
+    def open_split(self, split: str, stored_maps: bool = False) -> RAHFTorchDataset:
+        """A split as a torch dataset; manifest-level bad records are listed (skip) or raised (error).
+        ``stored_maps``: keep the maps at their stored size (evaluation: heatmap metrics are computed there)."""
         cfg, v = self.cfg, self.cfg.model.vision
         ds = open_dataset(cfg.data.root, split, on_bad_record=cfg.data.on_bad_record)
-        self.bad.totals[split] = ds.total
-        if ds.bad:
-            recs = [{"uid": e.uid, "where": e.where, "problem": e.problem} for e in ds.bad]
-            self.bad.add(split, recs, "manifest", 0, 0)
-            self.bad.take_epoch(split)
-            self.accelerator.print(f"{split}: skipping {len(ds.bad)} of {ds.total} manifest record(s) "
-                                   f"(data.on_bad_record=skip), listed in {self.bad.path}:")
-            for e in ds.bad[:20]:
-                self.accelerator.print(f"  {e}")
-            if len(ds.bad) > 20:
-                self.accelerator.print(f"  ... and {len(ds.bad) - 20} more")
-            self.bad.check(split)
-        return RAHFTorchDataset(ds, v.img_size, cfg.model.heatmap_size, v.mean, v.std)
+        self.bad.opened(split, ds)
+        return RAHFTorchDataset(ds, v.img_size, None if stored_maps else cfg.model.heatmap_size, v.mean, v.std)
 
-    def record_bad(self, split: str, records: list[dict]) -> None:
-        """Count records skipped while loading (all processes' records; collective when several)."""
-        if self.cfg.data.on_bad_record != "skip":
+    def start_tracking(self) -> None:
+        cfg = self.cfg
+        if cfg.tracking.tracker == "none":
             return
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
+        if cfg.tracking.tracker == "wandb" and not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        kw = {"wandb": {"dir": str(self.run_dir), "name": self.run_dir.name}} if cfg.tracking.tracker == "wandb" else {}
+        project = self.run_dir.name if cfg.tracking.tracker == "tensorboard" else cfg.tracking.project
+        self.accelerator.init_trackers(project, config=_flat(to_dict(cfg)), init_kwargs=kw)
 
-            records = [r for part in gather_object([records]) for r in part]
-        if records:
-            self.bad.add(split, records, "load", self.step, self.epoch)
-            self.bad.check(split)
+    # ---- the loop
+    def train(self) -> dict:
+        """Build, resume, then run optimizer steps until ``train.max_steps``, a cap (the time limit) or a
+        pause (signal, ``train.stop_after_steps``). Finished or capped: evaluate and export
+        (:meth:`finish`); paused: checkpoint and return ``{"interrupted": True, "step": N}``."""
+        cfg, acc = self.cfg, self.accelerator
+        self.build()
+        self.start_tracking()
+        self.try_resume()
+        limit = TimeLimit(cfg.train.time_limit_minutes)
+        self.bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train",
+                        disable=not acc.is_local_main_process, dynamic_ncols=True)
+        self._speed = (time.time(), self.samples)
+        self.model.train()
+        paused = False
+        with StopRequest() as stop:
+            try:
+                while self.step < cfg.train.max_steps:
+                    for batch in self.epoch_batches():
+                        if not self.train_batch(batch):
+                            continue  # a micro-batch of an accumulated step, or a skipped step
+                        self.after_step()
+                        if fault("stall", self.step):
+                            self.stall(stop)
+                        if limit.exceeded():
+                            self.stopped_early = limit.stop(self.step, cfg.train.max_steps)
+                        paused = stop.signal is not None or 0 < cfg.train.stop_after_steps <= self.step
+                        if paused or self.stopped_early or self.step >= cfg.train.max_steps:
+                            break
+                    else:  # the epoch ran to its end
+                        self.end_epoch()
+                        continue
+                    if self.batch_in_epoch >= len(self.train_loader):  # stopped at the epoch's last batch
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    break
+            finally:
+                self.bar.close()
+        if self.stopped_early:  # a cap: evaluate and export what was trained, and say so
+            acc.print(f"warning: {self.stopped_early.message} ({self.stopped_early.setting}); "
+                      f"checkpointing, evaluating and exporting what was trained")
+        elif paused:
+            return self.pause(stop.name)
+        return self.finish(limit.elapsed())
 
-    def end_epoch_report(self, split: str) -> None:
-        seen = self.bad.take_epoch(split)
-        if not seen:
-            return
-        self.accelerator.print(f"epoch {self.epoch}: skipped {len(seen)} bad record(s) of split {split!r} "
-                               f"({self.bad.count(split)} of {self.bad.totals.get(split, '?')} so far, listed in "
-                               f"{self.bad.path}):")
-        for line in list(seen.values())[:20]:
-            self.accelerator.print(f"  {line}")
-        if len(seen) > 20:
-            self.accelerator.print(f"  ... and {len(seen) - 20} more")
-        self._append_log({"split": split, "step": self.step, "epoch": self.epoch, "bad_records_skipped": len(seen)})
+    def epoch_batches(self):
+        """The rest of the current epoch's batches, from the saved position after a resume."""
+        # accelerate's loader re-sets its sampler's epoch from its own counter on every iteration: set
+        # that counter (not just our sampler), also on the skipping loader.
+        self.train_loader.set_epoch(self.epoch)
+        if not self.batch_in_epoch:
+            return self.train_loader
+        loader = self.accelerator.skip_first_batches(self.train_loader, self.batch_in_epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.epoch)
+        return loader
 
+    def train_batch(self, batch) -> bool:
+        """Forward and backward of one batch under gradient accumulation; at the accumulation boundary the
+        gradient-norm check (clipping) and the optimizer update. Returns whether an optimizer step was taken
+        (not one on a non-finite loss or gradient norm with ``train.on_nonfinite=skip``)."""
+        acc = self.accelerator
+        self.bad.pending.extend(batch.get("bad_records") or [])
+        with acc.accumulate(self.model):
+            ok = self.forward_backward(batch) if batch["uids"] else True  # else every record was bad
+            ok = ok and (not acc.sync_gradients or self.gradients_ok(batch))
+            if ok:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.batch_in_epoch += 1
+        return ok and acc.sync_gradients
+
+    def forward_backward(self, batch) -> bool:
+        acc = self.accelerator
+        with acc.autocast():
+            out = self.model(**model_inputs(batch))
+        self.losses = self.loss_fn(out, batch)
+        loss = self.losses["loss"]
+        if fault("nan_loss", self.step + 1):
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            return self.skip_nonfinite("loss", batch)
+        acc.backward(loss)
+        self._step_uids.extend(batch["uids"])
+        return True
+
+    def gradients_ok(self, batch) -> bool:
+        """Clip (``optim.grad_clip``) or just measure the gradient norm; a non-finite one skips or stops."""
+        acc, cfg = self.accelerator, self.cfg
+        if fault("nan_grad", self.step + 1):
+            g = next((p.grad for p in self.model.parameters() if p.grad is not None), None)
+            if g is not None:
+                g.view(-1)[0] = float("nan")
+        gnorm = None
+        if cfg.optim.grad_clip > 0:
+            gnorm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        elif cfg.train.mixed_precision != "fp16":  # fp16: the grad scaler skips such steps
+            gnorm = acc.clip_grad_norm_(self.model.parameters(), float("inf"))  # measures only
+        if gnorm is not None and not torch.isfinite(gnorm):
+            return self.skip_nonfinite("gradient norm", batch)
+        fault("mid_step", self.step + 1)
+        return True
+
+    def skip_nonfinite(self, what: str, batch) -> bool:
+        """``train.on_nonfinite``: ``error`` raises FloatingPointError naming the step and the batch;
+        ``skip`` drops the step's gradients and logs it. Returns False (no update)."""
+        msg = (f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch}); "
+               f"batch uids: {list(batch['uids'])}")
+        if self.cfg.train.on_nonfinite == "error":
+            raise FloatingPointError(msg)
+        self.accelerator.print("skipping step: " + msg)
+        self.log.metrics({"split": "train", "step": self.step, "skipped_nonfinite": msg})
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step_uids = []
+        return False
+
+    def after_step(self) -> None:
+        """An optimizer step was taken: schedule, count, log, evaluate and checkpoint when due."""
+        cfg = self.cfg
+        self.scheduler.step()
+        self.step += 1
+        self.samples += self.samples_per_step
+        self.bar.update(1)
+        self.log_step()
+        if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            self.log_train()
+        if self.eval_loader is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
+            self.eval_and_keep_best()
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            self.save_checkpoint()
+
+    def end_epoch(self) -> None:
+        """The epoch's last batch was consumed: count the records it skipped since the last step, list
+        them, and move to the next epoch."""
+        self.bad.loaded(self.cfg.data.train_split, self.bad.take_pending(), self.step, self.epoch)
+        self.bad.end_epoch(self.cfg.data.train_split, self.step, self.epoch)
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def stall(self, stop: StopRequest) -> None:
+        """The ``stall`` fault: wait (up to 120 s) for SIGTERM/SIGINT."""
+        self.accelerator.print(f"{FAULT_ENV}: stalled after step {self.step}; waiting for SIGTERM/SIGINT")
+        t_stall = time.time()
+        while stop.signal is None and time.time() - t_stall < 120:
+            time.sleep(0.05)
+
+    def pause(self, signal_name: Optional[str]) -> dict:
+        """A signal or ``train.stop_after_steps``: checkpoint and exit, to be resumed."""
+        acc = self.accelerator
+        self.bad.print_summary()
+        self.save_checkpoint()
+        why = f"received {signal_name}" if signal_name else f"train.stop_after_steps={self.cfg.train.stop_after_steps}"
+        acc.print(f"{why} at step {self.step}: checkpoint written. Resume with the same command plus "
+                  f"`--resume latest run.name={self.run_dir.name}`.")
+        acc.end_training()
+        return {"interrupted": True, "step": self.step}
+
+    # ---- logs
     def log_step(self) -> None:
         """After an optimizer step: ``steps.jsonl`` gets the step's number and its batches' uids (all
         processes), and records skipped meanwhile are counted."""
-        uids, bad = self._step_uids, self._pending_bad
-        self._step_uids, self._pending_bad = [], []
+        uids, bad = self._step_uids, self.bad.take_pending()
+        self._step_uids = []
         acc = self.accelerator
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
@@ -385,34 +352,21 @@ class Trainer:
             parts = gather_object([(uids, bad)])
             uids = [u for p in parts for u in p[0]]
             bad = [b for p in parts for b in p[1]]
-        if acc.is_main_process:
-            with open(self.run_dir / "steps.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": self.step, "epoch": self.epoch, "uids": uids}) + "\n")
-        if bad and self.cfg.data.on_bad_record == "skip":
-            self.bad.add(self.cfg.data.train_split, bad, "load", self.step, self.epoch)
-            self.bad.check(self.cfg.data.train_split)
+        self.log.step(self.step, self.epoch, uids)
+        self.bad.loaded(self.cfg.data.train_split, bad, self.step, self.epoch, gathered=True)
 
-    def _truncate_steps_log(self) -> None:
-        """Keep ``steps.jsonl`` lines up to the step resumed from (later steps are run again)."""
-        path = self.run_dir / "steps.jsonl"
-        if not self.accelerator.is_main_process or not path.is_file():
-            return
-        keep, dropped = [], 0
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                ok = json.loads(line)["step"] <= self.step
-            except (ValueError, KeyError, TypeError):  # e.g. a line cut by a kill
-                ok = False
-            if ok:
-                keep.append(line)
-            else:
-                dropped += 1
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        os.replace(tmp, path)
-        if dropped:
-            self.accelerator.print(f"steps.jsonl: dropped {dropped} line(s) after step {self.step} (not checkpointed; "
-                                   f"those steps run again)")
+    def log_train(self) -> None:
+        """The step's losses, learning rate and samples/s since the last such record."""
+        now = time.time()
+        t_last, samples_last = self._speed
+        sps = (self.samples - samples_last) / max(1e-9, now - t_last)
+        self._speed = (now, self.samples)
+        logs = {f"train/{k}": float(v.detach()) for k, v in self.losses.items()}
+        logs["train/lr"] = self.scheduler.get_last_lr()[0]
+        logs["train/samples_per_s"] = sps
+        self.accelerator.log(logs, step=self.step)
+        self.bar.set_postfix(loss=f"{logs.get('train/loss', math.nan):.4f}", sps=f"{sps:.1f}")
+        self.log.metrics({"split": "train", "step": self.step, **logs})
 
     # ---- state
     def state(self) -> dict:
@@ -420,39 +374,52 @@ class Trainer:
                 "best": self.best, "best_step": self.best_step, "samples": self.samples}
 
     def save_checkpoint(self) -> None:
-        path = self.ckpt.save(self.accelerator, self.state(), to_dict(self.cfg))
+        path = self.ckpt.save(self.accelerator, self.checkpointed, self.state(), to_dict(self.cfg))
         self.accelerator.print(f"checkpoint step {self.step} → {path}")
 
     def try_resume(self) -> None:
         self.step = self.epoch = self.batch_in_epoch = self.samples = 0
         self.best, self.best_step = None, None
-        if not self.resume:
-            self._truncate_steps_log()
-            return
-        path = self.ckpt.find(self.resume)
-        if path is None:
-            if self.resume == "latest":
-                self.accelerator.print("--resume latest: no complete checkpoint yet, starting from scratch")
-                self._truncate_steps_log()
-                return
-            raise FileNotFoundError(f"no checkpoint at {self.resume}")
-        state = self.ckpt.load(self.accelerator, path, to_dict(self.cfg), force=self.force)
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best, self.best_step, self.samples = state.get("best"), state.get("best_step"), state.get("samples", 0)
-        self.accelerator.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
-        self._truncate_steps_log()
+        path = self.ckpt.find(self.resume) if self.resume else None
+        if self.resume and path is None:
+            if self.resume != "latest":
+                raise FileNotFoundError(f"no checkpoint at {self.resume}")
+            self.accelerator.print("--resume latest: no complete checkpoint yet, starting from scratch")
+        if path is not None:
+            state = self.ckpt.load(self.accelerator, path, self.checkpointed, to_dict(self.cfg), force=self.force)
+            self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.best, self.best_step, self.samples = state.get("best"), state.get("best_step"), state.get("samples", 0)
+            self.accelerator.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
+                                   f"batch {self.batch_in_epoch})")
+        dropped = self.log.truncate_steps(self.step)
+        if dropped:
+            self.accelerator.print(f"steps.jsonl: dropped {dropped} line(s) after step {self.step} (not checkpointed; "
+                                   f"those steps run again)")
 
     # ---- evaluation
-    def evaluate(self, loader, split: str, model=None) -> dict:
+    def evaluate(self, loader, split: str, model=None, decode_also: Optional[str] = None, loss: bool = True,
+                 examples: bool = False):
+        """One evaluation (:func:`rahf.eval.evaluate.run_evaluation`) with ``eval.decode``; returns the
+        :class:`rahf.eval.evaluate.Evaluation`. ``loss``: also the mean losses; ``decode_also``: another
+        decoding's keyword metrics (``keyword_<mode>/…``); ``examples``: per-example results too."""
         acc = self.accelerator
         step = self.step
         batches = SkipEmpty(loader, after_first=lambda: fault("mid_eval", step))
-        metrics = evaluate(model or self.model, batches, gather=acc.gather_for_metrics, decode=self.cfg.eval.decode,
-                           max_batches=self.cfg.eval.max_batches, progress=acc.is_local_main_process,
-                           autocast=acc.autocast, loss_fn=self.loss_fn)
-        self.record_bad(split, batches.bad)
-        self.end_epoch_report(split)
-        return metrics
+        ev = run_evaluation(model or self.model, batches, gather=acc.gather_for_metrics, decode=self.cfg.eval.decode,
+                            decode_also=decode_also, max_batches=self.cfg.eval.max_batches,
+                            progress=acc.is_local_main_process, autocast=acc.autocast,
+                            loss_fn=self.loss_fn if loss else None, examples=examples)
+        self.bad.loaded(split, batches.bad, self.step, self.epoch)
+        self.bad.end_epoch(split, self.step, self.epoch)
+        return ev
+
+    def measured(self, ev, split: str, checkpoint: Path) -> dict:
+        """The ``measured`` block of a metrics.json this run writes (how ``ev`` was measured)."""
+        cfg = self.cfg
+        return measurement(ev, split=split, dataset=cfg.data.root, checkpoint=checkpoint,
+                           batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches,
+                           mixed_precision=cfg.train.mixed_precision, num_processes=self.accelerator.num_processes,
+                           on_bad_record=cfg.data.on_bad_record, model_heatmap_size=cfg.model.heatmap_size)
 
     def is_better(self, value: float) -> bool:
         if value is None or not math.isfinite(value):
@@ -463,182 +430,45 @@ class Trainer:
 
     def eval_and_keep_best(self) -> dict:
         acc, cfg = self.accelerator, self.cfg
-        metrics = self.evaluate(self.eval_loader, cfg.data.eval_split)
+        ev = self.evaluate(self.eval_loader, cfg.data.eval_split)
+        metrics = ev.metrics
         if cfg.eval.metric not in metrics:
             raise ConfigError(f"eval.metric {cfg.eval.metric!r} is not among the evaluation's keys, e.g. "
                               f"{sorted(metrics)[:8]}")
         value = metrics[cfg.eval.metric]
         acc.log({f"dev/{k}": v for k, v in metrics.items()}, step=self.step)
-        self._append_log({"split": cfg.data.eval_split, "step": self.step, **metrics})
-        acc.print(f"step {self.step} {cfg.data.eval_split}: {cfg.eval.metric} = {value:.4f} "
-                  + " ".join(f"{k.split('/')[-1] if k.startswith('score') else k}={metrics[k]:.3f}"
+        self.log.metrics({"split": cfg.data.eval_split, "step": self.step, **metrics_document(metrics, ev.unavailable)})
+
+        def show(k: str) -> str:
+            return f"n/a ({ev.unavailable[k]})" if k in ev.unavailable else f"{metrics[k]:.{4 if k == cfg.eval.metric else 3}f}"
+
+        acc.print(f"step {self.step} {cfg.data.eval_split}: {cfg.eval.metric} = {show(cfg.eval.metric)} "
+                  + " ".join(f"{k.split('/')[-1] if k.startswith('score') else k}={show(k)}"
                              for k in ("score/plcc/overall", "heatmap/cc/implausibility", "keyword/f1") if k in metrics))
-        if self.is_better(value):
+        if self.is_better(value):  # an unavailable (NaN) value never is
             self.best, self.best_step = value, self.step
             if acc.is_main_process:
-                atomic_save_pretrained(self.unwrapped, self.run_dir / "best",
-                                       {"step": self.step, "metric": cfg.eval.metric, "value": value})
-                (self.run_dir / "best" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                best = self.run_dir / "best"
+                atomic_save_pretrained(self.unwrapped, best, {"step": self.step, "metric": cfg.eval.metric, "value": value},
+                                       training=self.training_info(self.step))
+                write_metrics(best / "metrics.json", metrics, ev.unavailable, self.measured(ev, cfg.data.eval_split, best))
+                write_model_card(best)
             acc.wait_for_everyone()
         return metrics
 
-    def _append_log(self, record: dict) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    # ---- the loop
-    def train(self) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        self.build()
-        if cfg.tracking.tracker != "none":
-            if cfg.tracking.tracker == "wandb" and not os.environ.get("WANDB_API_KEY"):
-                os.environ.setdefault("WANDB_MODE", "offline")
-            os.environ.setdefault("WANDB_DIR", str(self.run_dir))
-            kw = {"wandb": {"dir": str(self.run_dir), "name": self.run_dir.name}} if cfg.tracking.tracker == "wandb" else {}
-            project = self.run_dir.name if cfg.tracking.tracker == "tensorboard" else cfg.tracking.project
-            acc.init_trackers(project, config=_flat(to_dict(cfg)), init_kwargs=kw)
-        self.try_resume()
-        stop = StopRequest()
-        stop.install()
-        t_start = time.time()
-        total_steps = cfg.train.max_steps
-        bar = tqdm(total=total_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process,
-                   dynamic_ncols=True)
-        self.model.train()
-        t_last, samples_last = time.time(), self.samples
-        per_step_samples = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-        interrupted = False
-        over_time = False
-        try:
-            while self.step < total_steps and not interrupted:
-                # accelerate's loader re-sets its sampler's epoch from its own counter on every
-                # iteration: set that counter (not just our sampler), also on the skipping loader.
-                self.train_loader.set_epoch(self.epoch)
-                loader = self.train_loader
-                if self.batch_in_epoch:
-                    loader = acc.skip_first_batches(self.train_loader, self.batch_in_epoch)
-                    if hasattr(loader, "set_epoch"):
-                        loader.set_epoch(self.epoch)
-                for batch in loader:
-                    if batch.get("bad_records"):
-                        self._pending_bad.extend(batch["bad_records"])
-                    with acc.accumulate(self.model):
-                        if batch["uids"]:  # else every record of the batch was bad and skipped
-                            with acc.autocast():
-                                out = self.model(**model_inputs(batch))
-                            losses = self.loss_fn(out, batch)
-                            loss = losses["loss"]
-                            if fault("nan_loss", self.step + 1):
-                                loss = loss * float("nan")
-                            if not torch.isfinite(loss):
-                                self._nonfinite("loss", batch)
-                                self.optimizer.zero_grad(set_to_none=True)
-                                self._step_uids = []
-                                self.batch_in_epoch += 1
-                                continue
-                            acc.backward(loss)
-                            self._step_uids.extend(batch["uids"])
-                        if acc.sync_gradients:
-                            if fault("nan_grad", self.step + 1):
-                                g = next((p.grad for p in self.model.parameters() if p.grad is not None), None)
-                                if g is not None:
-                                    g.view(-1)[0] = float("nan")
-                            gnorm = None
-                            if cfg.optim.grad_clip > 0:
-                                gnorm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                            elif cfg.train.mixed_precision != "fp16":  # fp16: the grad scaler skips such steps
-                                gnorm = acc.clip_grad_norm_(self.model.parameters(), float("inf"))  # measures only
-                            if gnorm is not None and not torch.isfinite(gnorm):
-                                self._nonfinite("gradient norm", batch)
-                                self.optimizer.zero_grad(set_to_none=True)
-                                self._step_uids = []
-                                self.batch_in_epoch += 1
-                                continue
-                            fault("mid_step", self.step + 1)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    self.batch_in_epoch += 1
-                    if not acc.sync_gradients:
-                        continue
-                    self.scheduler.step()
-                    self.step += 1
-                    self.samples += per_step_samples
-                    bar.update(1)
-                    self.log_step()
-                    if self.step % cfg.train.log_every == 0 or self.step == total_steps:
-                        now = time.time()
-                        sps = (self.samples - samples_last) / max(1e-9, now - t_last)
-                        t_last, samples_last = now, self.samples
-                        logs = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
-                        logs["train/lr"] = self.scheduler.get_last_lr()[0]
-                        logs["train/samples_per_s"] = sps
-                        acc.log(logs, step=self.step)
-                        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", sps=f"{sps:.1f}")
-                        self._append_log({"split": "train", "step": self.step, **logs})
-                    if self.eval_loader is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
-                        self.eval_and_keep_best()
-                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                        self.save_checkpoint()
-                    if fault("stall", self.step):
-                        acc.print(f"{FAULT_ENV}: stalled after step {self.step}; waiting for SIGTERM/SIGINT")
-                        t_stall = time.time()
-                        while stop.signal is None and time.time() - t_stall < 120:
-                            time.sleep(0.05)
-                    over_time = cfg.train.time_limit_minutes and (time.time() - t_start) > 60 * cfg.train.time_limit_minutes
-                    pause = cfg.train.stop_after_steps and self.step >= cfg.train.stop_after_steps
-                    if stop.signal is not None or pause:
-                        interrupted = True
-                        break
-                    if over_time or self.step >= total_steps:
-                        break
-                else:  # epoch finished
-                    if self._pending_bad:
-                        self.log_bad_now()
-                    self.end_epoch_report(cfg.data.train_split)
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    continue
-                # a break inside the epoch: if it was also its last batch, move to the next epoch
-                if self.batch_in_epoch >= len(self.train_loader):
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                if over_time:
-                    acc.print(f"time limit of {cfg.train.time_limit_minutes} min reached at step {self.step}")
-                    break
-        finally:
-            bar.close()
-            stop.restore()
-        if interrupted and not over_time:
-            self.print_bad_summary()
-            self.save_checkpoint()
-            why = (f"received {signal.Signals(stop.signal).name}" if stop.signal is not None
-                   else f"train.stop_after_steps={cfg.train.stop_after_steps}")
-            acc.print(f"{why} at step {self.step}: checkpoint written. Resume with the same command plus "
-                      f"`--resume latest run.name={self.run_dir.name}`.")
-            acc.end_training()
-            return {"interrupted": True, "step": self.step}
-        return self.finish(time.time() - t_start)
-
-    def log_bad_now(self) -> None:
-        bad, self._pending_bad = self._pending_bad, []
-        self.record_bad(self.cfg.data.train_split, bad)
-
-    def _nonfinite(self, what: str, batch) -> None:
-        msg = (f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch}); "
-               f"batch uids: {list(batch['uids'])}")
-        if self.cfg.train.on_nonfinite == "error":
-            raise FloatingPointError(msg)
-        self.accelerator.print("skipping step: " + msg)
-        self._append_log({"split": "train", "step": self.step, "skipped_nonfinite": msg})
-
-    def print_bad_summary(self) -> None:
-        summ = self.bad.summary()
-        if summ:
-            self.accelerator.print("bad records skipped (data.on_bad_record=skip): " + ", ".join(
-                f"{s} {v['bad']} of {v['total']}" for s, v in summ.items()) + f"; listed in {self.bad.path}")
+    # ---- the end
+    def training_info(self, weights_step: int) -> dict:
+        """``training.json`` of an exported model: the step its weights are from, the run's steps and
+        limit, the keep-best metric, and whether a cap stopped the run early."""
+        cfg = self.cfg
+        return {"run": self.run_dir.name, "step": weights_step, "run_steps": self.step,
+                "max_steps": cfg.train.max_steps, "samples": self.samples,
+                "best": {"metric": cfg.eval.metric, "mode": cfg.eval.mode, "value": self.best, "step": self.best_step},
+                "stopped_early": stopped_early_field(self.stopped_early)}
 
     def finish(self, wall: float) -> dict:
+        """Checkpoint, evaluate and keep the best (if not done at this step), export the best (else the
+        last) weights, measure them on the test split, write ``result.json`` and print the summary line."""
         cfg, acc = self.cfg, self.accelerator
         if self.ckpt.find("latest") is None or self.ckpt.latest_step() != self.step:
             self.save_checkpoint()
@@ -651,36 +481,39 @@ class Trainer:
                 if export.exists():
                     shutil.rmtree(export)
                 shutil.copytree(best, export)
+                write_training_info(export, self.training_info(self.best_step))
             else:
-                atomic_save_pretrained(self.unwrapped, export, {"step": self.step})
+                atomic_save_pretrained(self.unwrapped, export, {"step": self.step},
+                                       training=self.training_info(self.step))
         acc.wait_for_everyone()
-        result = {"step": self.step, "best": self.best, "best_step": self.best_step, "wall_seconds": wall,
-                  "samples": self.samples, "samples_per_s": self.samples / max(wall, 1e-9)}
+        result = {"step": self.step, "max_steps": cfg.train.max_steps,
+                  "stopped_early": stopped_early_field(self.stopped_early), "best": self.best,
+                  "best_step": self.best_step, "wall_seconds": wall, "samples": self.samples,
+                  "samples_per_s": self.samples / max(wall, 1e-9)}
         test_dir = Path(cfg.data.root) / cfg.data.test_split
         if cfg.eval.test_at_end and test_dir.is_dir():
             best_model = RAHF.from_pretrained(export).to(acc.device)
-            test_ds = self.open_split(cfg.data.test_split)
+            test_ds = self.open_split(cfg.data.test_split, stored_maps=True)
             loader = acc.prepare(make_loader(test_ds, self.collate, cfg.eval.batch_size, cfg))
-            metrics = self.evaluate(loader, cfg.data.test_split, model=best_model)
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("loss/")}
-            other = {"constrained": "free", "free": "constrained"}.get(cfg.eval.decode)
-            if other:  # keyword metrics under the other decoding too, for comparison
-                alt = evaluate(best_model, loader, gather=acc.gather_for_metrics, decode=other,
-                               autocast=acc.autocast, heatmaps=False)
-                metrics.update({k.replace("keyword", f"keyword_{other}", 1): v for k, v in alt.items()
-                                if k.startswith("keyword")})
+            # keyword metrics under the other decoding too, for comparison (keyword_<other>/...)
+            ev = self.evaluate(loader, cfg.data.test_split, model=best_model, decode_also=other_decode(cfg.eval.decode),
+                               loss=False)
+            metrics = ev.metrics
             acc.log({f"test/{k}": v for k, v in metrics.items()}, step=self.step)
-            result["test"] = metrics
+            result["test"] = metrics_document(metrics, ev.unavailable)  # null + reason where unavailable
             if acc.is_main_process:
-                (export / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                write_metrics(export / "metrics.json", metrics, ev.unavailable,
+                              self.measured(ev, cfg.data.test_split, export))
                 acc.print(f"\n{cfg.data.test_split} split, best checkpoint (step {self.best_step}):")
-                acc.print(format_tables(metrics))
-                if other:
-                    acc.print(f"Misaligned keywords with {other} decoding (pooled): precision "
-                              f"{100 * metrics[f'keyword_{other}/precision']:.1f}, recall "
-                              f"{100 * metrics[f'keyword_{other}/recall']:.1f}, F1 {100 * metrics[f'keyword_{other}/f1']:.1f}")
+                acc.print(ev.tables())
+        if acc.is_main_process:
+            if self.stopped_early and (export / "metrics.json").is_file():
+                doc = json.loads((export / "metrics.json").read_text())
+                doc["stopped_early"] = stopped_early_field(self.stopped_early)
+                (export / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+            write_model_card(export)
         result["bad_records"] = self.bad.summary()
-        self.print_bad_summary()
+        self.bad.print_summary()
         if torch.cuda.is_available():
             result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:
@@ -689,8 +522,12 @@ class Trainer:
             result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if acc.is_main_process:
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-            acc.print(f"done: {self.step} steps in {wall:.0f} s ({result['samples_per_s']:.1f} samples/s); "
-                      f"exported to {export}")
+            done = (f"{self.step} steps in {wall:.0f} s ({result['samples_per_s']:.1f} samples/s); "
+                    f"exported to {export}")
+            if self.stopped_early:
+                acc.print(f"warning: {self.stopped_early.message} ({self.stopped_early.setting}), not finished: {done}")
+            else:
+                acc.print(f"done: {done}")
         acc.end_training()
         return result
 
