@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--preset paper] [--batch-size 2] [--steps 3] [--dtype fp32|bf16]
         [--head repro|light|preset ...] [--device cpu|cuda] [--threads 2] [--json out.json]
+        [--busy-loops 1 [--threads 2 -1] [--env - OMP_WAIT_POLICY=PASSIVE]]
 
 A step is what the trainer does: forward (under bf16 autocast with ``--dtype bf16``) → RAHFLoss →
 backward → gradient clipping (1.0) → AdamW step → zero_grad. Inputs are random tensors built directly
@@ -20,14 +21,25 @@ memory in use before its steps, since the other models' memory is resident too.
 
 ``--find-max-batch`` (CUDA) doubles the batch from ``--batch-size`` until out of memory and reports
 the largest that fits (one step each).
+
+Under load (CPU): ``--busy-loops N`` times each ``--env`` × ``--threads`` setting idle and beside N
+single-threaded busy loops, in blocks of ``--steps`` steps run round-robin (see :func:`load_benchmark`;
+``--threads -1`` is the trainer's adaptive count, ``train.threads=0``, started afresh in each block).
+The training job's thread setting was chosen with::
+
+    python benchmarks/train_step.py --preset tiny --batch-size 32 --optim fused --busy-loops 1 \
+        --threads 2 -1 --steps 24 --repeats 2 [--env - OMP_WAIT_POLICY=PASSIVE]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -232,6 +244,154 @@ def find_max_batch(cfg, args, device, start: int, limit: int = 4096) -> int:
     return best
 
 
+# ----------------------------------------------------------------------------- under load (--busy-loops)
+BUSY_LOOP = "while True: pass"
+OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # read once, when torch loads OpenMP
+
+
+def start_busy_loops(n: int) -> list[subprocess.Popen]:
+    """``n`` single-threaded CPU-bound processes (``python -c "while True: pass"``)."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
+    time.sleep(0.5 if procs else 0)  # let the scheduler spread them
+    return procs
+
+
+def stop_busy_loops(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
+
+
+def parse_env(spec: str) -> dict[str, str]:
+    """``-`` (the OpenMP defaults) or ``VAR=VALUE[,VAR=VALUE...]``."""
+    if spec in ("-", "default", ""):
+        return {}
+    out = {}
+    for item in spec.split(","):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--env: {item!r} is not VAR=VALUE")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def threads_label(n: int) -> str:
+    return "auto" if n < 0 else str(n or os.cpu_count())
+
+
+def serve_worker(args) -> int:
+    """``--worker``: build the first configuration, then answer one JSON command per stdin line:
+    ``{"threads": N, "steps": K}`` → ``{"times": [...]}``: K timed steps at N threads, or (N < 0) a
+    fresh run of the trainer's adaptive thread count (``train.threads=0``), which starts at all
+    cores and adapts from its own step times."""
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else printed goes to stderr
+    device = torch.device("cpu")
+    h, v, c, cl, o = args.head[0], args.variant[0], args.compile[0], args.channels_last[0], args.optim[0]
+    a = argparse.Namespace(**{**vars(args), "compile": bool(c), "channels_last": bool(cl), "optim": o})
+    runner = Runner("worker", build_config(args.preset, h, v), a, device)
+    warmed = set()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        n = cmd["threads"]
+        torch.set_num_threads(n if n > 0 else os.cpu_count() or 1)
+        if n not in warmed:
+            for _ in range(args.warmup):
+                runner.step()
+            warmed.add(n)
+        controller = None
+        if n < 0:
+            from rahf.training.threads import AdaptiveThreads
+
+            controller = AdaptiveThreads(os.cpu_count() or 1)
+            controller.apply()
+        times = []
+        for _ in range(cmd["steps"]):
+            t = runner.step()
+            times.append(t)
+            if controller is not None:
+                controller.observe(t)
+        protocol.write(json.dumps({"times": times}) + "\n")
+    return 0
+
+
+class Worker:
+    """A worker process with its own OpenMP environment (parent side of :func:`serve_worker`)."""
+
+    def __init__(self, env_spec: str, argv: list[str]):
+        self.label = env_spec if env_spec not in ("", "default") else "-"
+        env = {k: v for k, v in os.environ.items() if k not in OPENMP_ENV}
+        env.update(parse_env(env_spec))
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker"], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def run(self, threads: int, steps: int) -> list[float]:
+        self.proc.stdin.write(json.dumps({"threads": threads, "steps": steps}) + "\n")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.label} exited with status {self.proc.wait()}")
+        return json.loads(line)["times"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def load_benchmark(args, argv: list[str]) -> int:
+    """Samples/s of each (``--env``, ``--threads``) setting idle and beside ``--busy-loops`` busy loops.
+
+    Every setting runs in a worker process of its own environment; the parent runs blocks of
+    ``--steps`` steps round-robin (for each repeat: every setting idle, then every setting with the
+    busy loops running), so that a shared machine's other load hits every setting alike. A block is
+    like a short training run: samples/s is the block's samples over its time (probe steps of the
+    adaptive setting included). Reported per setting: samples/s idle and loaded (all blocks), the
+    median step time, loaded ÷ idle, and both ÷ the first setting's idle samples/s."""
+    worker_argv = [a for a in argv if a != "--worker"]
+    workers = [Worker(e, worker_argv) for e in args.env]
+    settings = [(w, n) for w in workers for n in args.threads]
+    times = {(w.label, n, loaded): [] for w, n in settings for loaded in (False, True)}
+    print(f"{args.preset}, batch {args.batch_size}: {len(settings)} setting(s), {args.repeats} repeat(s) of "
+          f"{args.steps} step(s) idle and beside {args.busy_loops} busy loop(s)", flush=True)
+    try:
+        for rep in range(args.repeats):
+            for loaded in (False, True):
+                procs = start_busy_loops(args.busy_loops if loaded else 0)
+                try:
+                    for w, n in settings:
+                        times[(w.label, n, loaded)] += w.run(n, args.steps)
+                finally:
+                    stop_busy_loops(procs)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            print(f"  repeat {rep + 1}/{args.repeats} done (1-min load {load:.2f})", flush=True)
+    finally:
+        for w in workers:
+            w.close()
+    rows = []
+    for w, n in settings:
+        idle, busy = times[(w.label, n, False)], times[(w.label, n, True)]
+        rows.append({"env": w.label, "threads": threads_label(n),
+                     "idle_samples_per_s": args.batch_size * len(idle) / sum(idle),
+                     "loaded_samples_per_s": args.batch_size * len(busy) / sum(busy),
+                     "idle_median_step_s": statistics.median(idle), "loaded_median_step_s": statistics.median(busy),
+                     "steps_idle": idle, "steps_loaded": busy})
+    first = rows[0]["idle_samples_per_s"]
+    for r in rows:
+        r["loaded_over_idle"] = r["loaded_samples_per_s"] / r["idle_samples_per_s"]
+        r["idle_vs_first"] = r["idle_samples_per_s"] / first
+        r["loaded_vs_first"] = r["loaded_samples_per_s"] / first
+    print()
+    print_table(rows, [("env", "environment", ""), ("threads", "threads", ""),
+                       ("idle_samples_per_s", "idle samples/s", ".1f"), ("loaded_samples_per_s", "loaded samples/s", ".1f"),
+                       ("idle_median_step_s", "idle median s/step", ".3f"),
+                       ("loaded_median_step_s", "loaded median s/step", ".3f"),
+                       ("loaded_over_idle", "loaded/idle", ".2f"), ("idle_vs_first", "idle ÷ row 1 idle", ".2f"),
+                       ("loaded_vs_first", "loaded ÷ row 1 idle", ".2f")])
+    write_json(args.json, {"benchmark": "train_step_under_load", "args": vars(args),
+                           "machine": machine_info(torch.device("cpu")), "rows": rows})
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="paper")
@@ -249,11 +409,21 @@ def main(argv=None) -> int:
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of ViT and T5")
     p.add_argument("--optim", nargs="+", choices=("foreach", "fused", "loop", "fused-in-backward"),
                    default=["foreach"],
-                   help="AdamW implementation(s) (foreach: torch's default, as the trainer uses; fused: one "
-                        "kernel per parameter, also on CPU; fused-in-backward: "
+                   help="AdamW implementation(s) (foreach: torch's default; fused: one kernel per parameter, "
+                        "also on CPU, as the trainer uses (optim.fused); fused-in-backward: "
                         "each parameter stepped in its gradient hook, no clipping)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
+    p.add_argument("--threads", type=int, nargs="+", default=[0],
+                   help="torch threads on CPU (0: all cores); several values and -1 (the trainer's adaptive "
+                        "count) only with --busy-loops")
+    p.add_argument("--busy-loops", type=int, default=None, metavar="N",
+                   help="CPU, tiny-model scale: time every --env × --threads setting idle and beside N "
+                        "single-threaded busy loops (`python -c 'while True: pass'`), round-robin; prints idle "
+                        "and loaded samples/s and their ratio")
+    p.add_argument("--env", nargs="+", default=["-"],
+                   help="with --busy-loops: OpenMP environments, one worker process each: '-' (the defaults) or "
+                        "VAR=VALUE[,VAR=VALUE], e.g. OMP_WAIT_POLICY=PASSIVE")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--target-len", type=int, default=40)
     p.add_argument("--gemm-n", type=int, default=0, help="matmul size of the peak measurement (0: auto)")
@@ -261,10 +431,18 @@ def main(argv=None) -> int:
     p.add_argument("--find-max-batch", action="store_true", help="also search the largest batch that fits")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.worker:
+        return serve_worker(args)
+    if args.busy_loops is not None:
+        if args.device != "cpu":
+            raise SystemExit("--busy-loops measures CPU contention: use --device cpu")
+        return load_benchmark(args, list(sys.argv[1:] if argv is None else argv))
+    if len(args.threads) > 1 or args.threads[0] < 0:
+        raise SystemExit("several --threads values, or -1, only with --busy-loops")
 
     device = torch.device(args.device)
     if device.type == "cpu":
-        setup_threads(args.threads)
+        setup_threads(args.threads[0])
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -31,7 +31,7 @@ from rahf.training.trainer import Trainer, make_loader
 SHRINK = ["model.vision.depth=1", "model.text.num_layers=1", "model.text.num_decoder_layers=1", "train.threads=1"]
 MEASURED_KEYS = {"package_version", "checkpoint", "dataset", "split", "examples", "decode", "decode_also",
                  "heatmap_metric_size", "ground_truth_map_sizes", "model_heatmap_size", "batch_size", "max_batches",
-                 "mixed_precision", "num_processes", "on_bad_record"}
+                 "mixed_precision", "num_processes", "on_bad_record", "counterfactual_records"}
 
 
 @pytest.fixture(scope="module")

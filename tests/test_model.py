@@ -38,7 +38,18 @@ def test_every_parameter_gets_a_gradient(variant):
     assert not bad
     assert out.heatmaps["implausibility"].shape == (3, cfg.heatmap_size, cfg.heatmap_size)
     assert out.scores.shape == (3, 4)
-    assert ((out.scores >= 0) & (out.scores <= 1)).all()
+    # each output is its head applied to the right encoding: for the augmented variant, the image and
+    # prompt encoded behind that output's own task prompt (one task at a time)
+    with torch.no_grad():
+        for t, task in enumerate(rahf.schema.TASKS[:-1]):
+            one = {k: batch[k][t:t + 1] for k in ("task_ids", "task_mask") if k in batch}
+            fmap = model._encode(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **one)[2]
+            if task in rahf.MAP_NAMES:
+                head = model.heatmap_heads[task] if variant == "multi_head" else model.heatmap_head
+                assert torch.allclose(out.heatmaps[task], head(fmap), atol=1e-5), task
+            else:
+                head = model.score_heads[task] if variant == "multi_head" else model.score_head
+                assert torch.allclose(out.scores[:, rahf.SCORE_NAMES.index(task)], head(fmap), atol=1e-5), task
     assert out.logits.shape[:2] == batch["labels"].shape
 
 

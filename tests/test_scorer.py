@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rahf import RAHF, RAHFConfig, RAHFScorer
+from rahf.eval.scorer import to_pil
 from rahf.model.config import MAP_NAMES, SCORE_NAMES
 from rahf.data.format import open_dataset, parse_tagged, split_words
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset
@@ -60,16 +61,20 @@ def test_inputs_shapes_and_ranges(scorer, tmp_path):
     arr_u8 = rng.integers(0, 255, (90, 90, 3), dtype=np.uint8)
     arr_f = rng.random((40, 70, 3)).astype(np.float32)
     arr_gray = rng.random((33, 47))
-    res = scorer.score([pil, str(path), arr_u8, arr_f, arr_gray], "a blue square", batch_size=2)
+    inputs = [pil, str(path), arr_u8, arr_f, arr_gray]
+    res = scorer.score(inputs, "a blue square", batch_size=2)
     sizes = [(100, 150), (200, 64), (90, 90), (40, 70), (33, 47)]
     assert len(res) == 5
-    for r, hw in zip(res, sizes):
+    for r, hw, im in zip(res, sizes, inputs):
         assert set(r.scores) == set(SCORE_NAMES)
-        assert all(0.0 <= v <= 1.0 for v in r.scores.values())
+        # each result is its own image's: the model's output for it alone, maps resized to its size
+        alone = scorer.forward([to_pil(im)], ["a blue square"])
+        np.testing.assert_allclose([r.scores[s] for s in SCORE_NAMES], alone.scores[0].numpy(), atol=1e-5)
         for m in MAP_NAMES:
             hm = r.heatmaps[m]
             assert hm.shape == hw and hm.dtype == np.float32
-            assert hm.min() >= 0.0 and hm.max() <= 1.0
+            want = F.interpolate(alone.heatmaps[m][None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+            np.testing.assert_allclose(hm, want.numpy(), atol=1e-5)
         assert parse_tagged(r.tagged_prompt)[0] == ["a", "blue", "square"]
         assert r["misaligned_words"] == [w for w, f in zip(*parse_tagged(r.tagged_prompt)) if f]
         assert r.size == (hw[1], hw[0])

@@ -42,6 +42,9 @@ def register(sub) -> None:
     e.add_argument("--num-workers", type=int, default=1)
     e.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="default: as recorded, else no")
     e.add_argument("--max-batches", type=int, help="default: as recorded, else all (0: all)")
+    e.add_argument("--counterfactual", type=int, metavar="N",
+                   help="the counterfactual block (one-word prompt swaps: does the model read the prompt?) on the "
+                        "first N records; 0: off; default: as recorded, else every record")
     e.add_argument("--report", help="also write a visual HTML report of this evaluation into this directory")
     e.set_defaults(func=run_eval)
 
@@ -73,7 +76,9 @@ def eval_settings(args: argparse.Namespace, measured: dict) -> dict:
             "batch_size": args.batch_size or rec.get("batch_size") or DEFAULT_BATCH_SIZE,
             "max_batches": max_batches or None, "decode": decode, "decode_also": decode_also,
             "mixed_precision": args.mixed_precision or rec.get("mixed_precision") or "no",
-            "on_bad_record": rec.get("on_bad_record") or "error"}
+            "on_bad_record": rec.get("on_bad_record") or "error",
+            "counterfactual_records": (args.counterfactual if args.counterfactual is not None
+                                       else rec.get("counterfactual_records"))}
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -122,11 +127,22 @@ def run_eval(args: argparse.Namespace) -> int:
                        batch_size=st["batch_size"], max_batches=st["max_batches"],
                        mixed_precision=st["mixed_precision"], num_processes=acc.num_processes,
                        on_bad_record=st["on_bad_record"], model_heatmap_size=cfg.heatmap_size)
+    cf = st["counterfactual_records"]
+    if cf != 0 and acc.is_main_process:
+        from ..eval.counterfactual import counterfactual_metrics
+
+        ev.metrics.update(counterfactual_metrics(model, ds.split, cf, batch_size=st["batch_size"],
+                                                 decode=st["decode"] or "constrained"))
+    info["counterfactual_records"] = cf
     if acc.is_main_process:
         print(f"{st['split']} split of {st['data']} ({int(ev.metrics.get('count/n', 0))} examples), "
               f"checkpoint {args.checkpoint}, decoding {st['decode']}"
               + (f" (+ {st['decode_also']} as keyword_{st['decode_also']}/...)" if st["decode_also"] else ""))
         print(ev.tables())
+        if cf != 0:
+            from ..eval.counterfactual import format_counterfactual
+
+            print(format_counterfactual(ev.metrics))
         if args.out:
             write_metrics(args.out, ev.metrics, ev.unavailable, info)
         if args.predictions:

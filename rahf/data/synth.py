@@ -334,8 +334,10 @@ def _place(rng, r, region, placed, slack, near=None, far=None, skip=-99) -> tupl
             x, y = rng.uniform(x0, max(x0, x1)), rng.uniform(y0, max(y0, y1))
         if not (x0 - 1e-9 <= x <= x1 + 1e-9 and y0 - 1e-9 <= y <= y1 + 1e-9):
             continue
-        if far is not None and math.hypot(x - far.x, y - far.y) < 0.45:
-            continue
+        if far is not None:  # a wrong "next to": far away, and not side by side in the same row either
+            dist = math.hypot(x - far.x, y - far.y)
+            if dist < 0.45 or (abs(y - far.y) < 0.1 and dist - BOUND * (r + far.r) < 0.15):
+                continue
         if slack <= 0 or _free(x, y, r, placed, slack, skip):
             return x, y
     return None
@@ -727,6 +729,9 @@ class SynthConfig:
     test: int = 300
     size: int = 128  # image side in pixels (heatmaps are the same size)
     seed: int = 0
+    # > 1: the train split holds each scene with this many prompts (its own and one-word-swap variants
+    # with exact labels, rahf.data.synth_variants); dev and test stay plain
+    prompts_per_image: int = 1
 
 
 SYNTH_DEFAULTS = SynthConfig()

@@ -103,6 +103,10 @@ class RAHFCollator:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_target_tokens = max_target_tokens
         self.task_ids = self.task_mask = None
+        from ..schema import TAG
+
+        tag_ids = tokenizer(TAG, add_special_tokens=False)["input_ids"]
+        self.tag_token_id = tag_ids[0] if len(tag_ids) == 1 else -1  # -1: the tag is not one token
         if task_prompts is not None:
             texts = [task_prompts[t] for t in tasks]
             enc = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
@@ -148,4 +152,5 @@ class RAHFCollator:
                              max_length=self.max_target_tokens, return_tensors="pt")
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
         batch["labels"] = labels
+        batch["tag_token_id"] = self.tag_token_id
         return batch

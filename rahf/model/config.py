@@ -98,6 +98,11 @@ class LossConfig:
     score: float = 10.0
     text: float = 1.0
     heatmap_positive_weight: float = 5.0  # pixel weight where the ground truth is > 0 (1 = plain MSE)
+    tag_weight: float = 1.0  # cross-entropy weight of the target positions that hold the tag token (1 = plain CE)
+    # pairwise alignment ranking within an image: for records of one image under different prompts
+    # (grouped batches, rahf.training.grouping), a logistic loss on the difference of predicted
+    # alignments, with this weight (0 = off)
+    alignment_rank: float = 0.0
 
 
 # Named head styles: both heads, absolute in channels; the output size of every style is patch grid × 16.

@@ -13,6 +13,9 @@ from .config import LossConfig
 class RAHFLoss(nn.Module):
     """w_h·Σ heatmap MSE + w_s·Σ score MSE + w_t·teacher-forced CE (label -100 ignored).
 
+    With ``tag_weight`` != 1 the CE weights the positions whose target is the tag token (``batch
+    ["tag_token_id"]``, set by the collator); with ``alignment_rank`` > 0 a pairwise ranking term over
+    records of the same image is added (:meth:`alignment_rank_loss`, key ``rank_loss``).
     Heatmap MSE is pixel-wise, optionally weighting pixels with ground truth > 0 by
     ``heatmap_positive_weight`` (weighted mean). Returns ``{"loss", "heatmap_loss", "score_loss",
     "text_loss", "<map>_loss", "<score>_loss"}`` (all scalars; ``loss`` is the one to backpropagate).
@@ -40,10 +43,39 @@ class RAHFLoss(nn.Module):
         losses["score_loss"] = per_score.sum()
         if out.logits is not None and "labels" in batch:
             logits = out.logits.float()
-            losses["text_loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
-                                                  ignore_index=-100)
+            labels = batch["labels"].reshape(-1)
+            if self.cfg.tag_weight != 1.0 and "tag_token_id" in batch:
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, ignore_index=-100, reduction="none")
+                w = (labels != -100).float() * (1.0 + (self.cfg.tag_weight - 1.0) * (labels == batch["tag_token_id"]).float())
+                losses["text_loss"] = (ce * w).sum() / w.sum().clamp_min(1.0)
+            else:
+                losses["text_loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, ignore_index=-100)
         else:
             losses["text_loss"] = losses["score_loss"].new_zeros(())
         losses["loss"] = (self.cfg.heatmap * losses["heatmap_loss"] + self.cfg.score * losses["score_loss"]
                           + self.cfg.text * losses["text_loss"])
+        if self.cfg.alignment_rank > 0 and batch.get("uids"):
+            losses["rank_loss"] = self.alignment_rank_loss(out.scores[:, SCORE_NAMES.index("alignment")].float(),
+                                                           batch["scores"][:, SCORE_NAMES.index("alignment")].float(),
+                                                           batch["uids"])
+            losses["loss"] = losses["loss"] + self.cfg.alignment_rank * losses["rank_loss"]
         return losses
+
+    @staticmethod
+    def alignment_rank_loss(pred: torch.Tensor, target: torch.Tensor, uids, min_gap: float = 0.05,
+                            scale: float = 20.0) -> torch.Tensor:
+        """Mean over pairs of records of the same image (uid ``<uid>`` / ``<uid>~<k>``) whose alignment
+        labels differ by at least ``min_gap`` of ``softplus(-scale * (pred_i - pred_j))``, i the better
+        fitting prompt; 0 when the batch holds no such pair."""
+        from ..data.synth_variants import group_key
+
+        keys = [group_key(u) for u in uids]
+        ids = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+        g = torch.tensor([ids[k] for k in keys], device=pred.device)
+        same = g[:, None] == g[None, :]
+        better = (target[:, None] - target[None, :]) >= min_gap
+        pairs = same & better
+        if not pairs.any():
+            return pred.sum() * 0.0
+        diff = pred[:, None] - pred[None, :]
+        return F.softplus(-scale * diff[pairs]).mean()

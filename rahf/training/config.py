@@ -28,6 +28,9 @@ class DataConfig:
     pin_memory: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
     max_bad_fraction: float = 0.01
+    # shuffle the train split by image (records "<uid>~<k>" next to "<uid>"), so a batch holds an image
+    # under all its prompts (rahf.training.grouping); on by default when synth.prompts_per_image > 1
+    group_variants: Optional[bool] = None
 
 
 @dataclass
@@ -54,11 +57,13 @@ class TrainLoopConfig:
     freeze: list[str] = field(default_factory=list)  # parts: vision, projection, embeddings, text_encoder, decoder, heads
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model (opt-in; first steps pay the compilation)
-    threads: int = 0  # torch threads per process on CPU; 0: cores / processes
+    # torch threads per process on CPU; 0: cores / processes, halved while that is faster (a CPU shared
+    # with other work; one process and train.deterministic=false only: rahf.training.threads)
+    threads: int = 0
     log_every: int = 10
     deterministic: bool = False
     on_nonfinite: Literal["error", "skip"] = "error"
-    time_limit_minutes: float = 0.0  # 0: none; stop (checkpoint, eval, export) when exceeded
+    time_limit_minutes: float = 0.0  # 0: none; a cap: stop, checkpoint, eval, export, marked stopped_early
     stop_after_steps: int = 0  # 0: none; checkpoint and exit after this step (resume later; schedule unchanged)
 
 
@@ -71,6 +76,9 @@ class EvalConfig:
     decode: Optional[str] = "constrained"  # free | constrained | None
     max_batches: Optional[int] = None
     test_at_end: bool = True
+    # the counterfactual block (rahf.eval.counterfactual) of the test evaluation: this many records
+    # (each with up to 4 one-word swaps); 0 = off, null = the whole split
+    counterfactual_records: Optional[int] = None
 
 
 @dataclass

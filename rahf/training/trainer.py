@@ -44,12 +44,12 @@ from ..model.rahf_model import RAHF
 from .bad_records import BadRecords, SkipEmpty
 from .caps import EarlyStop, TimeLimit, stopped_early_field
 from .checkpoint import CheckpointManager, Checkpointed, atomic_save_pretrained, write_training_info
-from .config import TrainConfig, default_config_path, resolve_config
+from .config import TrainConfig, add_arguments, default_config_path, resolve_config
 from .faults import FAULT_ENV, fault, parse_faults
 from .loop_utils import EpochSampler, StopRequest, make_loader
 from .optim import build_optimizer
 from .run_log import RunLog
-from .threads import set_threads
+from .threads import thread_controller
 
 __all__ = ["Trainer", "add_arguments", "ensure_data", "main", "make_loader", "run"]
 
@@ -64,7 +64,12 @@ def ensure_data(cfg: TrainConfig, accelerator: Accelerator) -> None:
 
             s = cfg.data.synth
             accelerator.print(f"generating synth data at {root} (train {s.train}, dev {s.dev}, test {s.test}, {s.size} px)")
-            generate(root, train=s.train, dev=s.dev, test=s.test, size=s.size, seed=s.seed)
+            grouped = s.prompts_per_image > 1
+            generate(root, train=0 if grouped else s.train, dev=s.dev, test=s.test, size=s.size, seed=s.seed)
+            if grouped:  # each training scene under its own prompt and one-word-swap variants (exact labels)
+                from ..data.synth_variants import grouped_generate
+
+                grouped_generate(root, cfg.data.train_split, s.train, s.prompts_per_image, s.size, s.seed)
         accelerator.wait_for_everyone()
     elif not present:
         raise FileNotFoundError(f"no dataset at {root} (missing {cfg.data.train_split}/manifest.jsonl); "
@@ -100,7 +105,7 @@ class Trainer:
             parse_faults(os.environ.get(FAULT_ENV))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        set_threads(cfg.train.threads, acc)
+        self.threads = thread_controller(cfg.train.threads, cfg.train.deterministic, acc)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         name = cfg.run.name or f"{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -143,10 +148,18 @@ class Trainer:
                               keep_existing=bool(self.resume))
         self._step_uids: list[str] = []
         self.losses: dict = {}  # the last batch's losses (logged at log steps)
+        self._compute_s = 0.0  # the current optimizer step's computation time so far
         self.train_ds = self.open_split(cfg.data.train_split)
         self.eval_ds = (self.open_split(cfg.data.eval_split, stored_maps=True)
                         if (Path(cfg.data.root) / cfg.data.eval_split).is_dir() else None)
-        self.sampler = EpochSampler(len(self.train_ds), cfg.train.seed)
+        group = cfg.data.group_variants
+        if group or (group is None and cfg.data.synth.prompts_per_image > 1):  # an image's prompts in one batch
+            from .grouping import GroupedEpochSampler, group_indices
+
+            self.sampler = GroupedEpochSampler(group_indices([e["uid"] for e in self.train_ds.split.entries]),
+                                               cfg.train.seed)
+        else:
+            self.sampler = EpochSampler(len(self.train_ds), cfg.train.seed)
         train_loader = make_loader(self.train_ds, self.collate, cfg.train.batch_size, cfg, sampler=self.sampler)
         eval_loader = (make_loader(self.eval_ds, self.collate, cfg.eval.batch_size, cfg)
                        if self.eval_ds is not None and len(self.eval_ds) else None)
@@ -245,6 +258,7 @@ class Trainer:
         gradient-norm check (clipping) and the optimizer update. Returns whether an optimizer step was taken
         (not one on a non-finite loss or gradient norm with ``train.on_nonfinite=skip``)."""
         acc = self.accelerator
+        t0 = time.perf_counter()
         self.bad.pending.extend(batch.get("bad_records") or [])
         with acc.accumulate(self.model):
             ok = self.forward_backward(batch) if batch["uids"] else True  # else every record was bad
@@ -253,6 +267,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.batch_in_epoch += 1
+        self._compute_s += time.perf_counter() - t0
         return ok and acc.sync_gradients
 
     def forward_backward(self, batch) -> bool:
@@ -306,6 +321,7 @@ class Trainer:
         self.step += 1
         self.samples += self.samples_per_step
         self.bar.update(1)
+        self.adapt_threads()
         self.log_step()
         if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
             self.log_train()
@@ -313,6 +329,16 @@ class Trainer:
             self.eval_and_keep_best()
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
             self.save_checkpoint()
+
+    def adapt_threads(self) -> None:
+        """Give the step's computation time to the thread controller (``train.threads=0`` on CPU)."""
+        compute_s, self._compute_s = self._compute_s, 0.0
+        if self.threads is None:
+            return
+        change = self.threads.observe(compute_s)
+        if change:
+            self.accelerator.print(f"step {self.step}: {change}")
+            self.log.metrics({"split": "train", "step": self.step, "threads": self.threads.current})
 
     def end_epoch(self) -> None:
         """The epoch's last batch was consumed: count the records it skipped since the last step, list
@@ -490,6 +516,8 @@ class Trainer:
                   "stopped_early": stopped_early_field(self.stopped_early), "best": self.best,
                   "best_step": self.best_step, "wall_seconds": wall, "samples": self.samples,
                   "samples_per_s": self.samples / max(wall, 1e-9)}
+        if self.threads is not None:
+            result["threads"] = self.threads.summary()
         test_dir = Path(cfg.data.root) / cfg.data.test_split
         if cfg.eval.test_at_end and test_dir.is_dir():
             best_model = RAHF.from_pretrained(export).to(acc.device)
@@ -499,13 +527,25 @@ class Trainer:
             ev = self.evaluate(loader, cfg.data.test_split, model=best_model, decode_also=other_decode(cfg.eval.decode),
                                loss=False)
             metrics = ev.metrics
+            cf_records = cfg.eval.counterfactual_records
+            if cf_records != 0 and acc.is_main_process:  # does the model read the prompt? (one-word swaps)
+                from ..eval.counterfactual import counterfactual_metrics
+
+                metrics.update(counterfactual_metrics(best_model, test_ds.split, cf_records,
+                                                      batch_size=cfg.eval.batch_size,
+                                                      decode=cfg.eval.decode or "constrained"))
             acc.log({f"test/{k}": v for k, v in metrics.items()}, step=self.step)
             result["test"] = metrics_document(metrics, ev.unavailable)  # null + reason where unavailable
             if acc.is_main_process:
-                write_metrics(export / "metrics.json", metrics, ev.unavailable,
-                              self.measured(ev, cfg.data.test_split, export))
+                measured = self.measured(ev, cfg.data.test_split, export)
+                measured["counterfactual_records"] = cf_records
+                write_metrics(export / "metrics.json", metrics, ev.unavailable, measured)
                 acc.print(f"\n{cfg.data.test_split} split, best checkpoint (step {self.best_step}):")
                 acc.print(ev.tables())
+                if cf_records != 0:
+                    from ..eval.counterfactual import format_counterfactual
+
+                    acc.print(format_counterfactual(metrics))
         if acc.is_main_process:
             if self.stopped_early and (export / "metrics.json").is_file():
                 doc = json.loads((export / "metrics.json").read_text())
@@ -543,14 +583,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 # ----------------------------------------------------------------------------- entry points
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file layered over the defaults (default: configs/default.yaml)")
-    p.add_argument("--resume", help="'latest' or a checkpoint directory")
-    p.add_argument("--force", action="store_true", help="resume even if the checkpoint's config differs")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.root=/data/richhf")
-
-
 def run(args: argparse.Namespace) -> int:
     config_file = args.config
     if config_file is None:
