@@ -38,6 +38,14 @@ from .lexicon import COLOUR_WORDS, COUNT_WORDS, PLURALS, RELATIONS, SIZE_WORDS
 from .schema import split_words
 
 SWAP_KINDS: tuple[str, ...] = ("colour", "object", "count", "size", "relation")
+VARIANT_SEP = "~"  # uids of a record's prompt variants: "<record uid>~<k>", k = 1, 2, ...
+
+
+def group_key(uid: str) -> str:
+    """The uid of the record a (variant) uid belongs to: records of one image share it."""
+    return uid.split(VARIANT_SEP, 1)[0]
+
+
 VOWEL_SOUNDS = ("a", "e", "i", "o", "u")
 
 

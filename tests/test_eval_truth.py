@@ -89,7 +89,10 @@ def test_rahf_eval_reproduces_training_metrics(trained, again, synth_root):
         w = rerun[k]
         assert (v is None) == (w is None), (k, v, w)
         if v is not None:
-            assert abs(v - w) <= 1e-6, (k, v, w)
+            # counterfactual/within_* correlate alignment differences of ~1e-3 between one image's prompts,
+            # which amplifies float32 thread-count effects of the forward pass; every other key: 1e-6
+            tol = 1e-4 if k.startswith("counterfactual/within") else 1e-6
+            assert abs(v - w) <= tol, (k, v, w)
     assert rerun["unavailable"] == doc["unavailable"]
     # the job's in-memory result holds the same numbers
     assert result["test"] == {k: v for k, v in doc.items() if k != "measured"}
@@ -128,7 +131,8 @@ def test_eval_settings_defaults_and_overrides():
            "mixed_precision": "bf16", "max_batches": 3, "on_bad_record": "skip"}
     st = eval_settings(argparse.Namespace(**ns), rec)
     assert st == {"data": "/d", "split": "dev", "batch_size": 5, "max_batches": 3, "decode": "free",
-                  "decode_also": "constrained", "mixed_precision": "bf16", "on_bad_record": "skip"}
+                  "decode_also": "constrained", "mixed_precision": "bf16", "on_bad_record": "skip",
+                  "counterfactual_records": None}
     st = eval_settings(argparse.Namespace(**{**ns, "decode": "both", "max_batches": 0, "split": "test"}), rec)
     assert (st["decode"], st["decode_also"], st["max_batches"], st["split"]) == ("free", "constrained", None, "test")
     st = eval_settings(argparse.Namespace(**{**ns, "data": "/x"}), {})  # nothing recorded: the defaults

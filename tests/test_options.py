@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rahf import RAHF
 from rahf.training.config import resolve_config
@@ -49,7 +51,7 @@ class OptimizerSteps:
 
     def __enter__(self):
         self.lrs: list[list[float]] = []
-        self.handle = torch.optim.optimizer.register_optimizer_step_pre_hook(
+        self.handle = register_optimizer_step_pre_hook(
             lambda opt, args, kwargs: self.lrs.append([g["lr"] for g in opt.param_groups]))
         return self
 
@@ -58,27 +60,47 @@ class OptimizerSteps:
 
 
 class ForwardCalls:
-    """Counts forward calls per module class while gradients are enabled (training forwards and the
-    recomputations of gradient checkpointing, not evaluation) and notes their output dtypes."""
+    """Counts the forward calls of modules by class name while gradients are enabled (training forwards
+    and the recomputations of gradient checkpointing, not evaluation), counted when a call starts (a
+    recomputation may stop once it has what the backward pass needs), and notes their output dtypes."""
 
     def __init__(self, *class_names: str):
-        self.names = class_names
         self.calls: dict[str, int] = {n: 0 for n in class_names}
         self.dtypes: dict[str, set] = {n: set() for n in class_names}
 
-    def hook(self, module, args, output):
+    def _started(self, module, args):
         name = type(module).__name__
         if name in self.calls and torch.is_grad_enabled():
             self.calls[name] += 1
-            if isinstance(output, torch.Tensor):
-                self.dtypes[name].add(output.dtype)
+
+    def _finished(self, module, args, output):
+        name = type(module).__name__
+        if name in self.dtypes and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            self.dtypes[name].add(output.dtype)
 
     def __enter__(self):
-        self.handle = torch.nn.modules.module.register_module_forward_hook(self.hook)
+        self.handles = [register_module_forward_pre_hook(self._started), register_module_forward_hook(self._finished)]
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that the next Accelerator may use another mixed
+    precision (accelerate's own test cases do the same between tests)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -168,7 +190,7 @@ def test_init_from_starts_from_the_given_weights(synth_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- execution options
-def test_bf16_mixed_precision_runs_linears_in_bf16(synth_root, tmp_path):
+def test_bf16_mixed_precision_runs_linears_in_bf16(synth_root, tmp_path, fresh_accelerate):
     """train.mixed_precision=bf16: the training forward runs under bf16 autocast (a Linear's output is
     bf16), the weights stay float32."""
     t = trainer(synth_root, tmp_path, "bf16", "train.mixed_precision=bf16", "train.max_steps=2")
@@ -177,6 +199,7 @@ def test_bf16_mixed_precision_runs_linears_in_bf16(synth_root, tmp_path):
     assert seen.calls["Linear"] > 0 and seen.dtypes["Linear"] == {torch.bfloat16}
     assert {p.dtype for p in t.unwrapped.parameters()} == {torch.float32}
     # without the option the same forward is float32
+    reset_accelerate()
     t = trainer(synth_root, tmp_path, "fp32", "train.max_steps=1")
     with ForwardCalls("Linear") as seen:
         t.train()
@@ -185,19 +208,21 @@ def test_bf16_mixed_precision_runs_linears_in_bf16(synth_root, tmp_path):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_gradient_checkpointing_recomputes_blocks_in_backward(synth_root, tmp_path, enabled):
-    """train.gradient_checkpointing: the encoders' flags are set and each ViT and T5 block's forward runs
-    twice per training step (once more in the backward pass); without it, once."""
+    """train.gradient_checkpointing: the encoders' flags are set and each ViT block and T5 layer runs twice
+    per training step (again in the backward pass); without it, once. (transformers checkpoints a T5
+    block's inner forward, so its first sub-layer is counted.)"""
     steps = 2
     t = trainer(synth_root, tmp_path, f"gc{enabled}", f"train.gradient_checkpointing={str(enabled).lower()}",
                 f"train.max_steps={steps}")
-    with ForwardCalls("Block", "T5Block") as seen:
+    with ForwardCalls("Block", "T5LayerSelfAttention") as seen:
         t.train()
     model = t.unwrapped
     assert model.vision.grad_checkpointing is enabled
-    assert model.t5.is_gradient_checkpointing is enabled
+    flag = "is_activation_checkpointing" if hasattr(model.t5, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    assert getattr(model.t5, flag) is enabled
     n_vit, n_t5 = len(model.vision.blocks), model.config.text.num_layers + model.config.text.num_decoder_layers
     per_step = 2 if enabled else 1
-    assert seen.calls == {"Block": per_step * steps * n_vit, "T5Block": per_step * steps * n_t5}
+    assert seen.calls == {"Block": per_step * steps * n_vit, "T5LayerSelfAttention": per_step * steps * n_t5}
 
 
 @pytest.mark.slow

@@ -81,14 +81,38 @@ def test_resize_keeps_orientation_and_flat_regions():
     torch.testing.assert_close(y[:, 70:, :], b.expand(3, 58, 128), rtol=0, atol=1e-6)
 
 
+def keys_cubic(t: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """The bicubic (Keys) kernel with a = −0.5, as PIL's BICUBIC filter uses."""
+    t = np.abs(t)
+    return np.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1, np.where(t < 2, a * (t**3 - 5 * t**2 + 8 * t - 4), 0.0))
+
+
+def test_upscale_is_bicubic_by_hand():
+    """64 → 128 px: output column i samples the source at i / 2 − 0.25 with the four nearest source
+    columns weighted by the cubic kernel (normalised), rounded to 8 bits, then normalised."""
+    mean, std = IMAGENET
+    x = image_to_tensor(halves(64, 64), 128, mean, std)
+    src = np.where(np.arange(64) < 32, 0, 1)  # which colour each source column has
+    want = np.empty((128, 3))
+    for i in range(128):
+        c = i / 2 - 0.25
+        taps = np.arange(int(np.floor(c)) - 1, int(np.floor(c)) + 3)
+        taps = taps[(taps >= 0) & (taps < 64)]  # PIL cuts the window at the border and renormalises
+        w = keys_cubic(c - taps)
+        v = (w[:, None] * np.array([A, B], float)[src[taps]]).sum(0) / w.sum()
+        want[i] = normalised(np.clip(np.round(v), 0, 255), mean, std)
+    got = x[:, 5].numpy().T  # one row, (128, 3)
+    np.testing.assert_allclose(got, want, atol=1.01 / 255 / min(std))  # PIL's fixed-point weights: ±1 level
+
+
 def test_resize_map_by_hand():
-    m = np.arange(16, dtype=np.float32).reshape(4, 4) / 15
-    down = resize_map(m, 2)  # area: means of 2×2 blocks
-    want = np.array([[0 + 1 + 4 + 5, 2 + 3 + 6 + 7], [8 + 9 + 12 + 13, 10 + 11 + 14 + 15]]) / 4 / 15
-    np.testing.assert_allclose(down.numpy(), want, atol=1e-6)
+    m = np.zeros((6, 6), np.float32)
+    m[0, 0], m[2, 2], m[4, 1] = 0.9, 0.45, 0.18  # one block's corner, another's corner, a third's centre
+    down = resize_map(m, 2)  # area: means of 3×3 blocks
+    np.testing.assert_allclose(down.numpy(), [[(0.9 + 0.45) / 9, 0], [0.18 / 9, 0]], atol=1e-7)
     up = resize_map(np.array([[0.0, 1.0]], np.float32).repeat(2, 0), 4)  # bilinear, align_corners=False
     np.testing.assert_allclose(up.numpy(), np.tile([0.0, 0.25, 0.75, 1.0], (4, 1)), atol=1e-6)
-    assert resize_map(m, None).shape == (4, 4)
+    assert resize_map(m, None).shape == (6, 6)
 
 
 @pytest.fixture(scope="module")

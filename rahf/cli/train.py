@@ -77,8 +77,8 @@ def eval_settings(args: argparse.Namespace, measured: dict) -> dict:
             "max_batches": max_batches or None, "decode": decode, "decode_also": decode_also,
             "mixed_precision": args.mixed_precision or rec.get("mixed_precision") or "no",
             "on_bad_record": rec.get("on_bad_record") or "error",
-            "counterfactual_records": (args.counterfactual if args.counterfactual is not None
-                                       else rec.get("counterfactual_records"))}
+            "counterfactual_records": (getattr(args, "counterfactual", None) if getattr(args, "counterfactual", None)
+                                       is not None else rec.get("counterfactual_records"))}
 
 
 def run_eval(args: argparse.Namespace) -> int:

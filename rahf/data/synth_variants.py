@@ -35,19 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from ..lexicon import PLURALS
-from ..swaps import SYNTH_SWAPS, WordSwap, candidate_swaps, pick_swaps, swap_rng
+from ..swaps import SYNTH_SWAPS, VARIANT_SEP, group_key, WordSwap, candidate_swaps, pick_swaps, swap_rng
 from . import synth
 from .format import SplitWriter, map_to_png_bytes, read_dataset_info, tag_words, write_dataset_info
 
-VARIANT_SEP = "~"  # variant uids: "<record uid>~<k>", k = 1, 2, ...
 _ROLE_OF_KIND = {"colour": "colour", "object": "noun", "count": "count", "size": "size", "relation": "rel"}
 _SINGULAR = {p: s for s, p in PLURALS.items()}
 _OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
-def group_key(uid: str) -> str:
-    """The uid of the record a (variant) uid belongs to."""
-    return uid.split(VARIANT_SEP, 1)[0]
 
 
 @dataclass

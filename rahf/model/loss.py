@@ -67,7 +67,7 @@ class RAHFLoss(nn.Module):
         """Mean over pairs of records of the same image (uid ``<uid>`` / ``<uid>~<k>``) whose alignment
         labels differ by at least ``min_gap`` of ``softplus(-scale * (pred_i - pred_j))``, i the better
         fitting prompt; 0 when the batch holds no such pair."""
-        from ..data.synth_variants import group_key
+        from ..swaps import group_key
 
         keys = [group_key(u) for u in uids]
         ids = {k: n for n, k in enumerate(dict.fromkeys(keys))}

@@ -30,12 +30,16 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def make_loader(ds, collate, batch_size: int, cfg: TrainConfig, sampler=None, shuffle=False):
-    """A DataLoader with the run's worker settings (``data.num_workers``, ``data.pin_memory``)."""
+    """A DataLoader with the run's worker settings (``data.num_workers``, ``data.pin_memory``).
+
+    It has its own generator (seeded by ``train.seed``): starting an iteration draws the workers' base
+    seed from it, not from the global torch RNG, so a resumed run (which starts an iteration that the
+    uninterrupted run did not) draws the same dropout masks as the uninterrupted one."""
     workers = cfg.data.num_workers
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, sampler=sampler, shuffle=shuffle, collate_fn=collate, num_workers=workers,
         pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
-        drop_last=False)
+        drop_last=False, generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
 class StopRequest:
