@@ -110,3 +110,38 @@ def test_gradients_point_towards_the_targets():
     g = logits.grad
     assert g[0, 0, 1] < 0 < g[0, 0, 0] and g[0, 1, 0] < 0 and g[1, 0, 0] < 0
     assert (g[1, 1] == 0).all()
+
+
+def test_tag_weight_weights_the_tag_positions():
+    # token 2 is the tag. Positions: (0, 0) label 2, logits (0, 0, 0) → CE ln 3; (0, 1) label 0, logits
+    # (ln 3, 0, 0) → CE ln(5/3); (0, 2) ignored. Tag weight 3: (3·ln 3 + ln(5/3)) / 4
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0], [9.0, -9.0, 0.0]]])
+    labels = torch.tensor([[2, 0, -100]])
+    out, batch = out_and_batch(logits, labels)
+    out.scores, out.heatmaps = out.scores[:1], {m: h[:1] for m, h in out.heatmaps.items()}
+    batch = {**{k: v[:1] for k, v in batch.items()}, "labels": labels, "tag_token_id": 2}
+    plain = (math.log(3.0) + math.log(5 / 3)) / 2
+    assert RAHFLoss(LossConfig())(out, batch)["text_loss"].item() == pytest.approx(plain, abs=1e-6)
+    weighted = RAHFLoss(LossConfig(tag_weight=3.0))(out, batch)["text_loss"].item()
+    assert weighted == pytest.approx((3 * math.log(3.0) + math.log(5 / 3)) / 4, abs=1e-6)
+    # a tokenizer whose tag is several tokens (tag_token_id -1): no position is weighted
+    other = RAHFLoss(LossConfig(tag_weight=3.0))(out, {**batch, "tag_token_id": -1})["text_loss"].item()
+    assert other == pytest.approx(plain, abs=1e-6)
+
+
+def test_alignment_rank_term_by_hand():
+    # records 0 and 1 show one image ("u1" and its variant "u1~1"); record 1 fits its prompt worse
+    # (alignment 0.5 < 0.9), so the pair (0, 1) counts: softplus(−20 · (0.6 − 0.55)) = ln(1 + e^−1).
+    # Record 2 ("u2") has no partner.
+    out = RAHFOutput(heatmaps={m: torch.zeros(3, 2, 2) for m in MAP_NAMES},
+                     scores=torch.tensor([[0.5, 0.6, 0.5, 0.5], [0.5, 0.55, 0.5, 0.5], [0.5, 0.1, 0.5, 0.5]]))
+    batch = {**{f"{m}_map": torch.zeros(3, 2, 2) for m in MAP_NAMES}, "uids": ["u1", "u1~1", "u2"],
+             "scores": torch.tensor([[0.5, 0.9, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], [0.5, 0.9, 0.5, 0.5]])}
+    cfg = LossConfig(heatmap=0.0, score=0.0, text=0.0, alignment_rank=2.0)
+    losses = RAHFLoss(cfg)(out, batch)
+    assert losses["rank_loss"].item() == pytest.approx(math.log(1 + math.exp(-1.0)), abs=1e-6)
+    assert losses["loss"].item() == pytest.approx(2.0 * math.log(1 + math.exp(-1.0)), abs=1e-6)
+    # a predicted order that agrees with the labels costs less than one that contradicts them
+    swapped = RAHFOutput(heatmaps=out.heatmaps, scores=out.scores[[1, 0, 2]])
+    assert RAHFLoss(cfg)(swapped, batch)["rank_loss"].item() == pytest.approx(math.log(1 + math.exp(1.0)), abs=1e-6)
+    assert "rank_loss" not in RAHFLoss(LossConfig())(out, batch)  # off by default

@@ -193,9 +193,9 @@ def test_init_from_starts_from_the_given_weights(synth_root, tmp_path):
 def test_bf16_mixed_precision_runs_linears_in_bf16(synth_root, tmp_path, fresh_accelerate):
     """train.mixed_precision=bf16: the training forward runs under bf16 autocast (a Linear's output is
     bf16), the weights stay float32."""
-    t = trainer(synth_root, tmp_path, "bf16", "train.mixed_precision=bf16", "train.max_steps=2")
+    t = trainer(synth_root, tmp_path, "bf16", "train.mixed_precision=bf16", "train.max_steps=1")
     with ForwardCalls("Linear") as seen:
-        assert t.train()["step"] == 2
+        assert t.train()["step"] == 1
     assert seen.calls["Linear"] > 0 and seen.dtypes["Linear"] == {torch.bfloat16}
     assert {p.dtype for p in t.unwrapped.parameters()} == {torch.float32}
     # without the option the same forward is float32
@@ -225,21 +225,17 @@ def test_gradient_checkpointing_recomputes_blocks_in_backward(synth_root, tmp_pa
     assert seen.calls == {"Block": per_step * steps * n_vit, "T5LayerSelfAttention": per_step * steps * n_t5}
 
 
-@pytest.mark.slow
-def test_compile_compiles_the_model(synth_root, tmp_path):
-    """train.compile: the prepared model is a torch.compile module and training runs compiled graphs."""
-    import torch._dynamo
+@pytest.mark.slow  # importing torch's compiler stack takes seconds
+def test_compile_wraps_the_trained_model(synth_root, tmp_path):
+    """train.compile: the model the trainer steps is torch.compile's module around the model it saves
+    (checkpoints keep plain parameter names). Compilation itself happens at the first forward and takes
+    minutes on CPU, so no step is run here."""
+    from torch._dynamo.eval_frame import OptimizedModule
 
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    t = trainer(synth_root, tmp_path, "compiled", "train.compile=true", "train.max_steps=1")
-    assert t.train()["step"] == 1
-    assert isinstance(t.model, torch._dynamo.eval_frame.OptimizedModule)
-    assert not isinstance(t.unwrapped, torch._dynamo.eval_frame.OptimizedModule)  # checkpoints: plain keys
-    assert counters["stats"]["unique_graphs"] > 0
-    torch._dynamo.reset()
+    t = built(synth_root, tmp_path, "compiled", "train.compile=true")
+    assert isinstance(t.model, OptimizedModule) and t.model._orig_mod is t.unwrapped
+    assert not isinstance(t.unwrapped, OptimizedModule)
+    assert not isinstance(built(synth_root, tmp_path, "plain").model, OptimizedModule)
 
 
 def test_time_limit_stops_early_and_says_so(synth_root, tmp_path):
@@ -252,12 +248,11 @@ def test_time_limit_stops_early_and_says_so(synth_root, tmp_path):
     assert stop["reason"] == "time limit" and stop["step"] == result["step"] and stop["max_steps"] == 50
     assert stop["setting"] == "train.time_limit_minutes=0.0001"
     training = json.loads((tmp_path / "capped" / "export" / "training.json").read_text())
-    assert training["stopped_early"]["step"] == result["step"]
-    # without a limit the same run is not marked
-    assert trainer(synth_root, tmp_path, "uncapped", "train.max_steps=2").train()["stopped_early"] is None
+    assert training["stopped_early"]["step"] == result["step"]  # (tests/test_caps.py: every record of it)
 
 
 # ----------------------------------------------------------------------------- evaluation and keep-best
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["min", "max"])
 def test_eval_every_and_mode_keep_the_best_checkpoint(synth_root, tmp_path, mode):
     """eval.every: the dev split is evaluated every N steps; eval.mode with a loss as eval.metric: the
