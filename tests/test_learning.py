@@ -6,26 +6,31 @@ that a training job that "works" but learns the wrong thing fails: a score term 
 loss (the score loss grows and the PLCC goes negative), a head cut off from the gradient (its loss
 stays at the untrained value, its metric near 0), a frozen or mis-stepped optimizer.
 
-Measured on this configuration (seed 0, 192 train / 64 dev records at 64 px, 300 steps of 16):
+Measured on this configuration (seed 0, 192 train / 64 dev records at 64 px, 300 steps of 16, one
+thread; about a minute of CPU time):
 
-=========================  =========  =======  ==========
+=========================  =========  =======  ===================
 dev value                  untrained  trained  threshold
-=========================  =========  =======  ==========
-loss/score_loss            0.41       0.13     < 0.5 × untrained
-loss/heatmap_loss          0.91       0.10     < 0.3 × untrained
-loss/text_loss             4.74       0.78     < 0.3 × untrained
-score/plcc/aesthetics      -0.25      0.72     > 0.5
-score/plcc/overall         -0.09      0.40     > 0.2
-heatmap/cc/misalignment    -0.02      0.49     > 0.25
-heatmap/cc/implausibility  -0.03      0.26     > 0.12
-=========================  =========  =======  ==========
+=========================  =========  =======  ===================
+loss/score_loss            0.379      0.104    < 0.5 × untrained
+loss/heatmap_loss          0.392      0.115    < 0.5 × untrained
+loss/text_loss             8.08       1.78     < 0.35 × untrained
+score/plcc/aesthetics      -0.25      0.77     > 0.5
+score/plcc/overall         -0.09      0.37     > 0.2
+heatmap/cc/misalignment    -0.02      0.38     > 0.25
+heatmap/cc/implausibility  -0.03      0.24     > 0.12
+=========================  =========  =======  ===================
+
+(Plausibility PLCC does not rise in this budget at 64 px, so it is not among the checks.)
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from rahf.data.format import open_dataset
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset
@@ -56,13 +61,11 @@ def overrides(data, out):
             "data.num_workers=0", "data.generate_synth=false", "model.vision.img_size=64", "model.vision.depth=1",
             "model.text.num_layers=1", "model.text.num_decoder_layers=1", f"train.max_steps={STEPS}",
             "train.batch_size=16", "train.threads=1", "optim.warmup_steps=20", "eval.every=0", "eval.batch_size=64",
-            "eval.decode=null", "eval.test_at_end=false", "checkpoint.every=0", "train.log_every=50"]
+            "eval.decode=null", "eval.test_at_end=false", "checkpoint.every=0", "train.log_every=10"]
 
 
 def dev_evaluation(model, cfg) -> dict:
     """The dev metrics and mean losses of ``model`` (the trainer's evaluation path, one process)."""
-    import torch
-
     ds = RAHFTorchDataset(open_dataset(cfg.data.root, cfg.data.eval_split), cfg.model.vision.img_size, None,
                           cfg.model.vision.mean, cfg.model.vision.std)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval.batch_size, collate_fn=RAHFCollator.for_model(model))
@@ -74,9 +77,10 @@ def dev_evaluation(model, cfg) -> dict:
 def test_short_training_run_learns_scores_heatmaps_and_text(data64, tmp_path):
     args = overrides(data64, tmp_path)
     # the untrained model: the one the run starts from (the trainer seeds before building it)
-    start = Trainer(resolve_config(None, [*args[:2], "run.name=untrained", *args[3:]]))
+    cfg = resolve_config(None, [*args[:2], "run.name=untrained", *args[3:]])
+    start = Trainer(cfg)
     start.build()
-    before = dev_evaluation(start.unwrapped, start.cfg)
+    before = dev_evaluation(start.unwrapped, cfg)
 
     result = Trainer(resolve_config(None, args)).train()
     assert result["step"] == STEPS
@@ -84,13 +88,16 @@ def test_short_training_run_learns_scores_heatmaps_and_text(data64, tmp_path):
     after = [r for r in log if r["split"] == "dev"][-1]
     assert after["step"] == STEPS
 
-    shown = {k: (round(before[k], 3), round(after[k], 3)) for k in (*LOSS_FRACTIONS, *METRIC_FLOORS)}
+    def value(v):  # a metric that could not be computed (e.g. PLCC of constant scores) is null in the log
+        return math.nan if v is None else v
+
+    shown = {k: (round(value(before[k]), 3), round(value(after[k]), 3)) for k in (*LOSS_FRACTIONS, *METRIC_FLOORS)}
     print("untrained, trained:", shown)
     for key, fraction in LOSS_FRACTIONS.items():
-        assert after[key] < fraction * before[key], (key, shown)
+        assert value(after[key]) < fraction * before[key], (key, shown)
     for key, floor in METRIC_FLOORS.items():
         assert before[key] < floor - 0.1, (key, shown)  # the floor is out of an untrained model's reach
-        assert after[key] > floor, (key, shown)
-    # the training loss fell too (first logged value vs last)
+        assert value(after[key]) > floor, (key, shown)
+    # the training loss fell too (step 10 vs the last step)
     train = [r["train/loss"] for r in log if r["split"] == "train"]
-    assert train[-1] < 0.6 * train[0], train
+    assert train[-1] < 0.5 * train[0], train

@@ -66,7 +66,8 @@ def test_predict_cli_matches_api(ckpt, images, tmp_path):
         assert (l["width"], l["height"]) == im.size
         for m in MAP_NAMES:
             st = l["heatmaps"][m]
-            assert abs(st["max"] - float(r.heatmaps[m].max())) < 1e-4 and abs(st["mean"] - float(r.heatmaps[m].mean())) < 1e-4
+            assert abs(st["max"] - float(r.heatmaps[m].max())) < 1e-4
+            assert abs(st["mean"] - float(r.heatmaps[m].mean())) < 1e-4
     assert lines[1]["prompt"] == "a red circle" and lines[2]["prompt"] == "two blue squares left"  # cleaned
     html = (out / "index.html").read_text()
     assert html.count("<img ") == 4 and "http" not in html.replace("http-equiv", "")

@@ -22,7 +22,7 @@ from rahf import RAHF, RAHFConfig, RAHFScorer
 from rahf.cli import main
 from rahf.data.format import SplitWriter, open_dataset, write_dataset_info
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset, image_to_tensor, resize_map
-from rahf.schema import MAP_NAMES, SCORE_NAMES, load_image
+from rahf.schema import SCORE_NAMES, load_image
 
 A, B = (200, 100, 50), (10, 20, 240)  # two colours whose channels all differ (an RGB/BGR swap shows)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -84,7 +84,9 @@ def test_resize_keeps_orientation_and_flat_regions():
 def keys_cubic(t: np.ndarray, a: float = -0.5) -> np.ndarray:
     """The bicubic (Keys) kernel with a = −0.5, as PIL's BICUBIC filter uses."""
     t = np.abs(t)
-    return np.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1, np.where(t < 2, a * (t**3 - 5 * t**2 + 8 * t - 4), 0.0))
+    near = (a + 2) * t**3 - (a + 3) * t**2 + 1
+    far = a * (t**3 - 5 * t**2 + 8 * t - 4)
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
 
 
 def test_upscale_is_bicubic_by_hand():

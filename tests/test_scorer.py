@@ -65,15 +65,16 @@ def test_inputs_shapes_and_ranges(scorer, tmp_path):
     res = scorer.score(inputs, "a blue square", batch_size=2)
     sizes = [(100, 150), (200, 64), (90, 90), (40, 70), (33, 47)]
     assert len(res) == 5
-    for r, hw, im in zip(res, sizes, inputs):
+    # each result is its own image's: the model's output for it (in one batch of all five), maps resized
+    # to the image's own size
+    whole = scorer.forward([to_pil(im) for im in inputs], ["a blue square"] * 5)
+    for j, (r, hw) in enumerate(zip(res, sizes)):
         assert set(r.scores) == set(SCORE_NAMES)
-        # each result is its own image's: the model's output for it alone, maps resized to its size
-        alone = scorer.forward([to_pil(im)], ["a blue square"])
-        np.testing.assert_allclose([r.scores[s] for s in SCORE_NAMES], alone.scores[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose([r.scores[s] for s in SCORE_NAMES], whole.scores[j].numpy(), atol=1e-5)
         for m in MAP_NAMES:
             hm = r.heatmaps[m]
             assert hm.shape == hw and hm.dtype == np.float32
-            want = F.interpolate(alone.heatmaps[m][None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+            want = F.interpolate(whole.heatmaps[m][j][None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
             np.testing.assert_allclose(hm, want.numpy(), atol=1e-5)
         assert parse_tagged(r.tagged_prompt)[0] == ["a", "blue", "square"]
         assert r["misaligned_words"] == [w for w, f in zip(*parse_tagged(r.tagged_prompt)) if f]

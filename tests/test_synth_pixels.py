@@ -248,7 +248,7 @@ def check_alignment(rec) -> dict[str, int] | None:
         if tagged and tagged == set(g.words):
             group_kinds.append("missing")
         else:
-            assert frozenset(tagged) in KINDS, f"{rec.uid} group {gi} ({g}): tagged {sorted(tagged)}, not one error kind"
+            assert frozenset(tagged) in KINDS, f"{rec.uid} group {gi} ({g}): tagged {sorted(tagged)}: not one kind"
             group_kinds.append(KINDS[frozenset(tagged)])
     owners = [[gi for gi, g in enumerate(groups) if _claims(g, group_kinds[gi], b)] for b in found]
     if any(len(o) > 1 for o in owners):
