@@ -30,3 +30,15 @@ def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinyck")
     RAHF(RAHFConfig.preset("tiny")).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def known_ckpt(tmp_path_factory):
+    """``(model, directory)``: the model of ``known_model.py`` (scores and maps set by hand in its heads),
+    saved with save_pretrained."""
+    from known_model import known_model
+
+    model = known_model()
+    d = tmp_path_factory.mktemp("known_ckpt")
+    model.save_pretrained(d)
+    return model, d

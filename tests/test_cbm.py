@@ -1,12 +1,14 @@
 """Concept-bottleneck aggregator on known cases."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 
-from rahf.reward.cbm import (Aggregator, TREES, binarize, class_weights, controlled_experiment, fit_aggregator, fit_logistic,
-                      format_curve_table, learning_curve, plot_curves, rahf_attributes)
+from rahf.reward.cbm import (TREES, Aggregator, binarize, class_weights, controlled_experiment, fit_aggregator,
+                             fit_logistic, fit_probe, format_curve_table, format_interval_table, learning_curve,
+                             paired_bootstrap, plot_curves, rahf_attributes, verdicts)
 from rahf.eval.metrics import roc_auc
 
 
@@ -69,23 +71,64 @@ def test_learning_curve_and_plot(tmp_path):
     assert c["curves"]["coarse"][400]["mean"] < c["curves"]["cbm"][400]["mean"]
     assert "n=25" in format_curve_table(c)
     plot_curves(c, tmp_path / "c.png")
-    assert (tmp_path / "c.png").stat().st_size > 1000
+    from PIL import Image
+
+    png = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    assert png.shape == (440, 660, 3)  # 6 × 4 inches at 110 dpi
+    # each curve is drawn in its colour (matplotlib's tab:purple for the aggregator, black for coarse)
+    for rgb in ((148, 103, 189), (0, 0, 0)):
+        assert (np.abs(png - rgb).max(-1) <= 10).sum() > 200, rgb
 
 
-def test_controlled_experiment_qualitative_result():
-    """Features that reveal each attribute linearly; the target is a tree over three of them."""
-    rng = np.random.default_rng(0)
-    n = 1600
+def _tree_data(n=1200, seed=0):
+    rng = np.random.default_rng(seed)
     names = ["dull", "artifact", "cluttered", "x1", "x2", "x3"]
     A = {k: (rng.random(n) < 0.5).astype(int) for k in names}
     M = np.stack([A[k] for k in names], 1) * 2.0 - 1.0
-    F = np.c_[M @ rng.normal(size=(6, 6)), rng.normal(size=(n, 10))] + 0.7 * rng.normal(size=(n, 16))
-    tr, te = slice(0, 1000), slice(1000, None)
-    res = controlled_experiment(F[tr], {k: v[tr] for k, v in A.items()}, F[te], {k: v[te] for k, v in A.items()},
-                                TREES["image"], budgets=(50, 200), seeds=2)
-    m = {k: np.mean([v[b]["mean"] for b in res["budgets"]]) for k, v in res["curves"].items()}
-    assert m["cbm-right"] > m["coarse"] and m["cbm-mismatched"] < m["coarse"] and m["cbm-mismatched"] < 0.65
-    assert res["sets"]["cbm-extra"][:3] == ["dull", "artifact", "cluttered"]
+    F = np.c_[M @ rng.normal(size=(6, 6)), rng.normal(size=(n, 10))] + 0.3 * rng.normal(size=(n, 16))
+    tr, te = slice(0, 800), slice(800, None)
+    return F[tr], {k: v[tr] for k, v in A.items()}, F[te], {k: v[te] for k, v in A.items()}
+
+
+def test_controlled_experiment_sequential_with_intervals():
+    """Features that reveal each attribute linearly; the target is a tree over three of them."""
+    F, A, Fe, Ae = _tree_data()
+    res = controlled_experiment(F, A, Fe, Ae, TREES["image"], budgets=(100, 400), seeds=2, replicates=200)
+    assert res["training"] == "sequential" and res["capacity"] == "linear"
+    iv = res["intervals"][100]  # at 400 the coarse model reaches the linear aggregator's ceiling
+    for m, v in iv["models"].items():
+        assert v["lo"] <= v["mean"] <= v["hi"]
+    assert iv["diff"]["cbm-right"]["lo"] > 0 and iv["diff"]["cbm-mismatched"]["hi"] < 0
+    lines = verdicts(res)
+    assert any("100: cbm-right above coarse" in line for line in lines)
+    assert not any("400: cbm-right" in line for line in lines)  # within noise: no verdict
+    assert "cbm-right − coarse" in format_interval_table(res)
+    # the cost axis: a CBM with m attributes gets budget / (1 + m) images (attribute cost 1), coarse all
+    res = controlled_experiment(F, A, Fe, Ae, TREES["image"], budgets=(400,), seeds=1, axis="cost", replicates=50,
+                                attribute_cost=1.0)
+    assert res["rows"]["coarse"][400] == 400 and res["rows"]["cbm-right"][400] == 100
+    assert res["rows"]["cbm-extra"][400] == 400 // 7 and res["rows"]["cbm-mismatched"][400] == 100
+
+
+def test_paired_bootstrap_by_hand():
+    y = np.array([0, 0, 1, 1])
+    perfect, reverse = np.array([[0.0, 1, 2, 3]]), np.array([[3.0, 2, 1, 0]])
+    out = paired_bootstrap({"coarse": reverse, "cbm": perfect}, y, replicates=200)
+    # every resample with both classes: AUROC 1 vs 0, so the difference is exactly 1
+    assert out["models"]["cbm"]["mean"] == 1.0 and out["models"]["coarse"]["mean"] == 0.0
+    assert out["diff"]["cbm"]["lo"] == out["diff"]["cbm"]["hi"] == 1.0
+
+
+def test_mlp_fits_a_tree_a_linear_probe_cannot():
+    # XOR of two inputs: linear AUROC ~0.5, the MLP of the same API separates it
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 2))
+    y = ((X[:, 0] > 0) ^ (X[:, 1] > 0)).astype(int)
+    lin = fit_probe(X, y, "linear", l2=1e-3)(X)[:, 0]
+    mlp = fit_probe(X, y, "mlp", l2=1e-3, hidden=16)(X)[:, 0]
+    assert abs(roc_auc(lin, y) - 0.5) < 0.1 and roc_auc(mlp, y) > 0.95
+    with pytest.raises(ValueError, match="capacity"):
+        fit_probe(X, y, "tree")
 
 
 def test_cli_fit_and_apply_on_a_table(tmp_path, capsys):
@@ -113,4 +156,12 @@ def test_cli_fit_and_apply_on_a_table(tmp_path, capsys):
     assert main(["cbm", "apply", "--model", str(tmp_path / "out" / "aggregator.json"), "--table",
                  str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "s.jsonl")]) == 0
     out = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
-    assert len(out) == 300 and out[0]["id"] == 0 and 0 <= out[0]["cbm_prob"] <= 1
+    assert [o["id"] for o in out] == list(range(300))
+    # every row's logit and probability by the aggregator's formula, from the saved file's numbers
+    saved = json.loads((tmp_path / "out" / "aggregator.json").read_text())
+    for o, r in zip(out, rows):
+        z = saved["bias"] + sum(w * (r[f] - mu) / sd for f, mu, sd, w in
+                                zip(saved["features"], saved["mean"], saved["scale"], saved["weights"]))
+        assert o["cbm_logit"] == pytest.approx(z, rel=1e-9, abs=1e-9)
+        assert o["cbm_prob"] == pytest.approx(1 / (1 + math.exp(-z)), rel=1e-9, abs=1e-12)
+    assert roc_auc([o["cbm_prob"] for o in out], y) > 0.97  # they separate the labels

@@ -123,23 +123,75 @@ def test_regenerate_matches_the_written_split(synth_root):
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def test_counterfactual_metrics_on_the_tiny_model(synth_root, ckpt):
-    from rahf import RAHF
-    from rahf.eval.counterfactual import counterfactual_metrics, format_counterfactual
+def test_counterfactual_metrics_on_the_tiny_model(synth_root):
+    """Each metric equals its definition worked out here from the same items and predictions."""
+    import torch
 
-    model = RAHF.from_pretrained(ckpt).train()
-    m = counterfactual_metrics(model, open_dataset(synth_root, "dev"), max_records=6, variants=3)
+    from known_model import tiny_config
+    from rahf import RAHF, RAHFScorer
+    from rahf.eval.counterfactual import build_items, counterfactual_metrics, format_counterfactual, predict_items
+    from rahf.eval.metrics import keyword_metrics
+
+    torch.manual_seed(0)
+    model = RAHF(tiny_config()).train()  # untrained: its alignment differs from prompt to prompt
+    split = open_dataset(synth_root, "dev")
+    m = counterfactual_metrics(model, split, max_records=10, variants=3)
     assert model.training  # mode restored
-    assert m["counterfactual/records"] == 6 and m["counterfactual/exact"] == 1.0
-    assert 0 < m["counterfactual/variants"] <= 18
-    for k in ("pairwise_acc", "swapped_tagged", "variant_keyword_f1"):
-        v = m[f"counterfactual/{k}"]
-        assert math.isnan(v) or 0.0 <= v <= 1.0
-    assert m["counterfactual/label_spread_within"] > 0
-    again = counterfactual_metrics(model, open_dataset(synth_root, "dev"), max_records=6, variants=3)
-    assert again.keys() == m.keys() and all(
-        (math.isnan(a) and math.isnan(again[k])) or a == pytest.approx(again[k]) for k, a in m.items())
+    images, items, exact = build_items(split, 10, 3)
+    pred, tagged, _ = predict_items(RAHFScorer(model, device="cpu"), images, items)
+    own = {it.group: k for k, it in enumerate(items) if it.swapped is None}
+    variants = [(own[it.group], k) for k, it in enumerate(items) if it.swapped is not None]
+    assert exact and m["counterfactual/exact"] == 1.0
+    assert m["counterfactual/records"] == 10 and m["counterfactual/variants"] == len(variants) > 10
+    # pairwise accuracy: own prompt above the variant, over variants whose noise-free alignment is lower by
+    # at least the margin (0.1); ties count half
+    pairs = [(o, k) for o, k in variants if items[o].true_alignment - items[k].true_alignment >= 0.1]
+    wins = [1.0 if pred[o] > pred[k] else 0.5 if pred[o] == pred[k] else 0.0 for o, k in pairs]
+    assert 0 < len(pairs) < len(variants) and 0 < sum(wins) < len(wins)  # some pairs left out, some won, some lost
+    assert m["counterfactual/pairs"] == len(pairs)
+    assert m["counterfactual/pairwise_acc"] == pytest.approx(np.mean(wins), abs=1e-12)
+    # the swapped word tagged, over variants whose swapped word is misaligned in the label
+    hits = [parse_tagged(tagged[k])[1][items[k].swapped] for _, k in variants if items[k].swapped_bad]
+    assert len(hits) < len(variants)  # a swap may fit the picture as well as the own word
+    assert m["counterfactual/swapped_tagged"] == pytest.approx(np.mean(hits), abs=1e-12)
+    # spreads: the standard deviation within each image's prompts (mean over images) and across own prompts
+    groups = sorted(own)
+    within = np.mean([np.std([pred[k] for k, it in enumerate(items) if it.group == g]) for g in groups])
+    assert m["counterfactual/spread_within"] == pytest.approx(within, rel=1e-6)
+    assert m["counterfactual/spread_across"] == pytest.approx(np.std([pred[own[g]] for g in groups]), rel=1e-6)
+    labels = np.array([it.alignment for it in items])
+    label_within = np.mean([np.std([labels[k] for k, it in enumerate(items) if it.group == g]) for g in groups])
+    assert m["counterfactual/label_spread_within"] == pytest.approx(label_within, rel=1e-9) and label_within > 0.01
+    assert m["counterfactual/variant_alignment_plcc"] == pytest.approx(np.corrcoef(pred, labels)[0, 1], abs=1e-6)
+    kw = keyword_metrics(tagged, [it.tagged for it in items])
+    assert m["counterfactual/variant_keyword_f1"] == pytest.approx(kw["f1"], abs=1e-12, nan_ok=True)
     assert "one-word swaps, exact labels" in format_counterfactual(m)
+
+
+def test_counterfactual_metrics_of_the_hand_set_model(synth_root, known_ckpt):
+    """Scores and maps that ignore the prompt: every pair is a tie, nothing spreads, and the map metrics are
+    those of the known map against each item's ground truth."""
+    import torch
+
+    from known_model import known_maps
+    from rahf.eval.counterfactual import build_items, counterfactual_metrics
+
+    model, _ = known_ckpt
+    split = open_dataset(synth_root, "dev")
+    m = counterfactual_metrics(model, split, max_records=6, variants=3)
+    assert m["counterfactual/pairwise_acc"] == 0.5 and m["counterfactual/pairs"] > 0
+    assert m["counterfactual/spread_within"] == 0.0 and m["counterfactual/spread_across"] == 0.0
+    assert math.isnan(m["counterfactual/variant_alignment_plcc"])  # constant predictions
+    _, items, _ = build_items(split, 6, 3)
+    gt = torch.from_numpy(np.stack([it.mis_map for it in items])).double()
+    want = torch.from_numpy(known_maps(model, *gt.shape[-2:])["misalignment"]).expand_as(gt)
+    mse = ((want - gt) ** 2).mean((1, 2))
+    nonempty = gt.flatten(1).amax(1) > 0
+    assert 0 < nonempty.sum() < len(items)
+    assert m["counterfactual/variant_misalignment_mse"] == pytest.approx(float(mse.mean()), abs=1e-6)
+    assert m["counterfactual/variant_misalignment_mse_empty"] == pytest.approx(float(mse[~nonempty].mean()), abs=1e-6)
+    cc = [np.corrcoef(want[i].ravel(), gt[i].ravel())[0, 1] for i in range(len(items)) if nonempty[i]]
+    assert m["counterfactual/variant_misalignment_cc"] == pytest.approx(np.mean(cc), abs=1e-5)
 
 
 def test_counterfactual_metrics_on_natural_prompts(tmp_path, ckpt):

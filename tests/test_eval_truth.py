@@ -232,6 +232,50 @@ def test_maps_at_stored_size_and_mixed_sizes_in_one_batch(synth_root):
             assert (math.isnan(v) and math.isnan(ev2.metrics[k])) or abs(v - ev2.metrics[k]) < 1e-6, k  # float32 batch effects
 
 
+def test_every_record_counted_once_and_max_batches_stops_on_time(synth_root):
+    """The evaluation's numbers equal scipy's / numpy's on the records' predictions, each record once:
+    16 records in batches of 5 (the last one short), and ``max_batches=2`` stops after exactly 10."""
+    from scipy.stats import pearsonr, spearmanr
+
+    from known_model import tiny_config
+    from rahf.eval.metrics import keyword_metrics
+
+    torch.manual_seed(0)
+    model = RAHF(tiny_config()).eval()  # untrained: its predictions differ from record to record
+    v = model.config.vision
+    split = open_dataset(synth_root, "dev")
+    ds = RAHFTorchDataset(split, v.img_size, None, v.mean, v.std)
+    collate = RAHFCollator.for_model(model)
+    # the reference: the same batches through the one inference path, aggregated here
+    scores, tagged, cc = [], [], {m: [] for m in MAP_NAMES}
+    for start in range(0, len(ds), 5):
+        batch = collate([ds[i] for i in range(start, min(len(ds), start + 5))])
+        pred = predict_batch(model, batch, decode="constrained")
+        scores.append(pred.scores.numpy())
+        tagged += pred.tagged
+        for m in MAP_NAMES:
+            up = resize_to(pred.heatmaps[m], batch[f"{m}_map"].shape[-2:]).numpy()
+            for p, g in zip(up, batch[f"{m}_map"].numpy()):
+                cc[m].append(np.corrcoef(p.ravel(), g.ravel())[0, 1] if g.max() > 0 else np.nan)
+    scores = np.concatenate(scores)
+    truth = np.array([[split[i].scores[s] for s in SCORE_NAMES] for i in range(len(split))])
+    targets = [split[i].tagged_prompt for i in range(len(split))]
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=collate)
+    for max_batches, n, decode in ((2, 10, None), (None, 16, "constrained")):
+        m = run_evaluation(model, loader, decode=decode, max_batches=max_batches).metrics
+        assert m["count/n"] == n, max_batches
+        for name in MAP_NAMES:
+            assert m[f"count/gt_nonempty/{name}"] + m[f"count/gt_empty/{name}"] == n
+            assert m[f"heatmap/cc/{name}"] == pytest.approx(np.nanmean(cc[name][:n]), abs=1e-6), (name, max_batches)
+        for j, s in enumerate(SCORE_NAMES):
+            assert m[f"score/plcc/{s}"] == pytest.approx(pearsonr(scores[:n, j], truth[:n, j])[0], abs=1e-6), s
+            assert m[f"score/srcc/{s}"] == pytest.approx(spearmanr(scores[:n, j], truth[:n, j])[0], abs=1e-6), s
+    kw = keyword_metrics(tagged, targets)
+    assert m["count/keyword_prompts"] == 16
+    keys = ("precision", "recall", "f1")
+    assert [m[f"keyword/{k}"] for k in keys] == pytest.approx([kw[k] for k in keys], abs=1e-12, nan_ok=True)
+
+
 @pytest.mark.slow
 def test_trainer_eval_datasets_keep_stored_maps(trained):
     trainer, _, _ = trained

@@ -130,12 +130,18 @@ def test_overlays_without_matplotlib_fail_in_one_line(command, ckpt, image_manif
     assert not (out / "index.html").exists() and not (out / "masks.jsonl").exists()
 
 
-def test_select_needs_no_extra(ckpt, image_manifest, tmp_path, monkeypatch):
+def test_select_needs_no_extra(known_ckpt, image_manifest, tmp_path, monkeypatch):
+    from known_model import SET_SCORES
+
     block(monkeypatch, *ALL_EXTRA_MODULES)
     out = tmp_path / "sel.json"
-    assert main(["select", "--checkpoint", str(ckpt), "--manifest", str(image_manifest), "--out", str(out)]) == 0
+    argv = ["select", "--checkpoint", str(known_ckpt[1]), "--manifest", str(image_manifest), "--out", str(out)]
+    assert main(argv) == 0
     sel = json.loads(out.read_text())
-    assert len(sel["groups"]) == 1 and 0.0 <= sel["groups"][0]["candidates"][0]["scores"]["overall"] <= 1.0
+    assert len(sel["groups"]) == 1 and len(sel["kept"]) == 1
+    assert sel["groups"][0]["candidates"][0]["scores"] == pytest.approx(SET_SCORES, abs=1e-5)
+    # the hand-set overall score is 0.8: a threshold above it keeps nothing
+    assert main([*argv, "--threshold", "0.81"]) == 0 and json.loads(out.read_text())["kept"] == []
 
 
 def test_cbm_plots_without_matplotlib_fail_in_one_line(tmp_path, monkeypatch, capsys):

@@ -142,3 +142,50 @@ def test_select_and_mask_cli(ckpt, images, tmp_path):
         assert set(np.unique(a)) <= {0, 255}
         assert ((a == 255) == heatmap_to_mask(hm, 0.5, 3)).mean() > 0.999
         assert (mdir / r["overlay"]).is_file()
+
+
+# ------------------------------------------------------------------------------------------ known outputs
+def _redder(panel: np.ndarray) -> np.ndarray:
+    """Per pixel of an overlay panel (H, W, 3): whether red outweighs blue (jet's high end over grey)."""
+    return panel[..., 0].astype(int) > panel[..., 2].astype(int)
+
+
+def test_predict_page_overlays_and_masks_show_the_hand_set_outputs(known_ckpt, tmp_path):
+    """A model whose heads are set by hand (scores 0.2/0.4/0.6/0.8; implausibility high on the left
+    edge, misalignment on the top edge) on a grey image: the page shows those scores, each overlay panel
+    is red exactly where its known map is high, and the mask is the known map above the threshold."""
+    from known_model import SET_SCORES, known_maps
+
+    model, ckpt = known_ckpt
+    h, w = 48, 80
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    want = known_maps(model, h, w)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), "--image", str(tmp_path / "grey.png"), "--prompt",
+                 "a red circle", "--out", str(out)]) == 0
+    row = json.loads((out / "predictions.jsonl").read_text())
+    assert row["scores"] == pytest.approx(SET_SCORES, abs=1e-5)
+    assert row["heatmaps"]["implausibility"]["argmax_xy"] == [0, 0]
+    assert "plausibility 0.200 · alignment 0.400 · aesthetics 0.600 · overall 0.800" in (out / "index.html").read_text()
+    # the overlay: the image, then implausibility and misalignment over it, each panel 256 px high
+    # (80 × 48 → 427 × 256), 6 px apart, below a 20 px title row
+    overlay = np.asarray(Image.open(out / row["overlay"]).convert("RGB"))
+    pw, ph, pad, top = 427, 256, 6, 26
+    for k, m in enumerate(["implausibility", "misalignment"], start=1):
+        x0 = pad + k * (pw + pad)
+        panel = overlay[top:top + ph, x0:x0 + pw]
+        high = np.asarray(Image.fromarray(want[m].astype(np.float32), mode="F").resize((pw, ph), Image.NEAREST))
+        sure = (high > 0.7) | (high < 0.2)
+        assert 0 < (high > 0.7).mean() < 0.3, m
+        assert (_redder(panel) == (high > 0.5))[sure].mean() > 0.99, m
+    assert not _redder(overlay[top:top + ph, pad:pad + pw]).any()  # the grey image panel
+    # rahf mask: the known implausibility map above 0.5 (no dilation), at the image's size
+    mdir = tmp_path / "masks"
+    assert main(["mask", "--checkpoint", str(ckpt), "--image", str(tmp_path / "grey.png"), "--prompt", "a red circle",
+                 "--threshold", "0.5", "--dilate", "0", "--out", str(mdir)]) == 0
+    rec = json.loads((mdir / "masks.jsonl").read_text())
+    mask = np.asarray(Image.open(mdir / rec["mask"])) == 255
+    clear = np.abs(want["implausibility"] - 0.5) > 1e-3
+    assert mask.shape == (h, w) and (mask == (want["implausibility"] > 0.5))[clear].all()
+    assert rec["masked_fraction"] == pytest.approx(mask.mean(), abs=1e-6) and 0 < mask.mean() < 0.2
+    assert rec["plausibility"] == pytest.approx(SET_SCORES["plausibility"], abs=1e-5)

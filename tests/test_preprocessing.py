@@ -11,18 +11,19 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rahf import RAHF, RAHFConfig, RAHFScorer
+from rahf import RAHF, RAHFScorer
 from rahf.cli import main
 from rahf.data.format import SplitWriter, open_dataset, write_dataset_info
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset, image_to_tensor, resize_map
 from rahf.schema import SCORE_NAMES, load_image
+
+from known_model import SET_SCORES, at_size, model_map, tiny_config
 
 A, B = (200, 100, 50), (10, 20, 240)  # two colours whose channels all differ (an RGB/BGR swap shows)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -39,17 +40,6 @@ def halves(w: int, h: int, left=A, right=B) -> Image.Image:
     a = np.empty((h, w, 3), np.uint8)
     a[:, : w // 2], a[:, w // 2:] = left, right
     return Image.fromarray(a)
-
-
-def tiny_config(**overrides) -> RAHFConfig:
-    """A very small model: 32 px images (2×2 patches of 16), one layer per stack, narrow heads."""
-    cfg = {"vision": {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2},
-           "text": {"d_model": 32, "d_kv": 8, "d_ff": 32, "num_heads": 4, "num_layers": 1, "num_decoder_layers": 1},
-           "heatmap_head": {"stem_channels": [8], "up_channels": [8, 8], "final_channels": 8, "upsample": 2},
-           "score_head": {"channels": [8], "mlp": [8]}}
-    for k, v in overrides.items():
-        cfg[k] = {**cfg.get(k, {}), **v}
-    return RAHFConfig.preset("tiny", **cfg)
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing
@@ -153,56 +143,8 @@ def test_dataset_and_scorer_apply_the_configured_normalisation(handmade, mean, s
 
 
 # ----------------------------------------------------------------------------------------------- known outputs
-SET_SCORES = dict(zip(SCORE_NAMES, (0.2, 0.4, 0.6, 0.8)))
-HIGH, LOW = 3.0, -3.0  # logits of the marked edge and of the rest
-
-
-def hand_set(model: RAHF) -> RAHF:
-    """Score head s ends in weight 0 and bias logit(SET_SCORES[s]); heatmap heads end in a constant 1
-    feature and a 3×3 conv that reads only its left (implausibility) or upper (misalignment) neighbour,
-    so their logits are HIGH on the first column (resp. row), where the neighbour is padding, and LOW
-    elsewhere, whatever the input."""
-    with torch.no_grad():
-        for s, head in model.score_heads.items():
-            head.mlp[-1].weight.zero_()
-            head.mlp[-1].bias.fill_(math.log(SET_SCORES[s] / (1 - SET_SCORES[s])))
-        for m, tap in (("implausibility", (1, 0)), ("misalignment", (0, 1))):
-            first, last = model.heatmap_heads[m].out[0], model.heatmap_heads[m].out[2]
-            first.weight.zero_()
-            first.bias.fill_(1.0)
-            last.weight.zero_()
-            last.weight[0, 0, tap[0], tap[1]] = LOW - HIGH
-            last.bias.fill_(HIGH)
-    return model
-
-
-def model_map(size: int) -> np.ndarray:
-    """The implausibility map at the model's resolution, by hand: logits (HIGH, LOW, LOW, ...) per row at
-    half resolution, bilinear ×2 (align_corners=False: column j reads source (j + 0.5) / 2 − 0.5, clamped
-    to the edge) → HIGH, HIGH/2, LOW/2, LOW, LOW, ...; then the sigmoid."""
-    row = np.full(size, LOW)
-    row[:3] = [HIGH, (HIGH + LOW) / 2 + (HIGH - LOW) / 4, (HIGH + LOW) / 2 - (HIGH - LOW) / 4]
-    return np.tile(1 / (1 + np.exp(-row)), (size, 1))
-
-
-def at_size(m: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Bilinear resize (align_corners=False) of a map that varies along x only, by np.interp."""
-    n = m.shape[1]
-    src = (np.arange(w) + 0.5) * n / w - 0.5
-    return np.tile(np.interp(src, np.arange(n), m[0]), (h, 1))
-
-
-@pytest.fixture(scope="module")
-def known(tmp_path_factory):
-    torch.manual_seed(0)
-    model = hand_set(RAHF(tiny_config())).eval()
-    d = tmp_path_factory.mktemp("known_ckpt")
-    model.save_pretrained(d)
-    return model, d
-
-
-def test_model_outputs_are_the_hand_set_values(known):
-    model, _ = known
+def test_model_outputs_are_the_hand_set_values(known_ckpt):
+    model, _ = known_ckpt
     n = model.config.heatmap_size
     scorer = RAHFScorer(model, device="cpu")
     out = scorer.forward([halves(64, 64), halves(50, 30, B, A)], ["a red circle", "two blue squares"])
@@ -213,8 +155,8 @@ def test_model_outputs_are_the_hand_set_values(known):
         np.testing.assert_allclose(out.scores[b].numpy(), [SET_SCORES[s] for s in SCORE_NAMES], atol=1e-6)
 
 
-def test_scorer_returns_known_scores_and_maps_at_the_image_size(known):
-    model, _ = known
+def test_scorer_returns_known_scores_and_maps_at_the_image_size(known_ckpt):
+    model, _ = known_ckpt
     scorer = RAHFScorer(model, device="cpu")
     n = model.config.heatmap_size
     images = [halves(64, 64), np.zeros((30, 50, 3), np.uint8), halves(23, 71)]
@@ -226,8 +168,8 @@ def test_scorer_returns_known_scores_and_maps_at_the_image_size(known):
         np.testing.assert_allclose(r.misalignment, at_size(model_map(n), w, h).T, atol=1e-5)
 
 
-def test_predict_cli_and_evaluation_report_the_known_values(known, handmade, tmp_path):
-    model, ckpt = known
+def test_predict_cli_and_evaluation_report_the_known_values(known_ckpt, handmade, tmp_path):
+    model, ckpt = known_ckpt
     root, images, gt_scores = handmade
     split = open_dataset(root, "test")
     manifest = tmp_path / "m.jsonl"

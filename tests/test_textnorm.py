@@ -8,7 +8,9 @@ from scipy.stats import kendalltau, spearmanr
 
 import rahf.reward.textnorm as textnorm_module
 from rahf.eval.metrics import ap_at_k, average_precision, kendall_tau, ranking_metrics, roc_auc, srcc
-from rahf.reward.textnorm import RuleContrast, Vocabulary, contrast_sets, default_vocabulary, log_textnorm, textnorm
+from rahf.reward.textnorm import (FileContrasts, SwapContrast, contrast_sets, log_textnorm, pad_contrasts,
+                                  restrict_contrasts, select_tau, textnorm)
+from rahf.swaps import DEFAULT_SWAPS, SYNTH_SWAPS, word_swaps
 
 
 # ------------------------------------------------------------------ the normalized reward
@@ -34,7 +36,9 @@ def test_textnorm_is_stable_and_handles_ragged_sets():
     r, c = np.array([1000.0]), np.array([[999.0, np.nan]])  # exp(1000) overflows naively
     np.testing.assert_allclose(textnorm(r, c, 0.01), [1 / (1 + math.exp(-100))])
     np.testing.assert_allclose(log_textnorm([1e4], [[0.0]], 1e-3), [0.0], atol=1e-300)
-    np.testing.assert_allclose(textnorm([0.0], [[np.nan, np.nan]], 1.0), [1.0])  # no contrast: 1
+    # no contrast: undefined (not 1), at every tau
+    for tau in (0.0, 1.0, np.inf):
+        assert np.isnan(textnorm([0.0, 0.0], [[np.nan, np.nan], [1.0, np.nan]], tau)[0])
     with pytest.raises(ValueError):
         textnorm([0.0, 1.0], [[0.0]], 1.0)
 
@@ -81,40 +85,72 @@ def test_textnorm_reexports_the_one_implementation():
 
 
 # ------------------------------------------------------------------ contrastive prompts
-def _diff(a: str, b: str) -> list[int]:
-    wa, wb = a.split(), b.split()
-    assert len(wa) == len(wb)  # the form (word count) is kept
-    return [i for i, (x, y) in enumerate(zip(wa, wb)) if x != y]
+def test_swap_contrasts_come_from_rahf_swaps():
+    g = SwapContrast(max_contrasts=3, seed=2)
+    p = "two red circles left of a big blue square"
+    assert g(p, key="u1") == [s.prompt for s in word_swaps(p, "u1", 3, DEFAULT_SWAPS, seed=2)]
+    assert g(p, key="u1") == g(p, key="u1") and len(g(p, key="u1")) == 3
+    every = SwapContrast(max_contrasts=0)("a red apple")
+    assert "an orange apple" in every and "a orange apple" not in every  # the article is fixed
+    # natural prompts get contrasts with the default vocabulary, none with the synth one
+    assert SwapContrast()("a cat on a sofa") and not SwapContrast("synth")("a cat on a sofa")
+    assert len(SwapContrast("synth", kinds=("colour",), max_contrasts=0)("a red star")) == len(SYNTH_SWAPS.colours) - 1
+    with pytest.raises(ValueError, match="vocabulary"):
+        SwapContrast("nope")
 
 
-def test_rules_change_exactly_the_targeted_word():
-    p = "A photo of two red circles left of a big blue square"
-    cs = RuleContrast(max_contrasts=0).contrasts(p)
-    kinds = {c.kind for c in cs}
-    assert kinds == {"colour", "count", "object", "size", "relation"}
-    for c in cs:
-        d = _diff(p, c.prompt)
-        assert d and d == list(range(*c.span))[: len(d)] and set(d) <= set(range(*c.span))
-        if c.kind != "relation":
-            assert len(d) == 1
-    words = p.split()
-    counts = [c for c in cs if c.kind == "count"]
-    assert [c.prompt.split()[3] for c in counts] == ["three"]  # plural numerals only, noun unchanged
-    objs = [c.prompt.split()[5] for c in cs if c.kind == "object" and c.span == (5, 6)]
-    assert objs and all(o.endswith("s") for o in objs)  # plural stays plural
-    rel = [c.new for c in cs if c.kind == "relation"]
-    assert set(rel) == {"right of", "next to"}  # two-word phrases for a two-word phrase
-    assert p not in [c.prompt for c in cs] and len({c.prompt for c in cs}) == len(cs)
-    assert words[:3] == ["A", "photo", "of"]
-
-
-def test_case_punctuation_limits_and_generator_hook():
-    cs = RuleContrast(kinds=("colour",), max_contrasts=0)("Red star, above.")
-    assert all(c.split()[0][0].isupper() and c.endswith("star, above.") for c in cs) and len(cs) == 5
-    g = RuleContrast(max_contrasts=3, seed=1)
-    p = "two red circles above a blue square"
-    assert g(p) == g(p) and len(g(p)) == 3 and len({RuleContrast(max_contrasts=3).contrasts(p)[i].kind for i in range(3)}) == 3
-    v = default_vocabulary().extend(colours=["teal"], nouns={"cat": "cats"})
-    assert "a teal cat" in RuleContrast(v, max_contrasts=0)("a red cat") and "a red circle" in RuleContrast(v, max_contrasts=0)("a red cat")
-    assert Vocabulary.from_dict({"nouns": ["box"]}).nouns == {"box": "boxes"}
+def test_contrast_file_and_callables(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"uid": "a", "contrasts": ["x", "y", "x"]}\n{"prompt": "p q", "contrasts": ["q p", "p q"]}\n')
+    fc = FileContrasts(f)
+    # by uid first, then by prompt; the prompt itself and duplicates dropped; unknown -> none
+    assert contrast_sets(["p q", "p q", "zz"], fc, keys=["a", "b", "c"]) == [["x", "y"], ["q p"], []]
+    (tmp_path / "bad.jsonl").write_text('{"uid": "a", "contrasts": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        FileContrasts(tmp_path / "bad.jsonl")
     assert contrast_sets(["x y"], generator=lambda s: [s, "y x", "y x"]) == [["y x"]]
+
+
+def test_pairs_without_contrasts_are_excluded_and_counted():
+    sets, keep = restrict_contrasts([["a", "b", "c"], [], ["d"]])
+    assert keep.tolist() == [True, False, True] and sets == [["a", "b", "c"], [], ["d"]]
+    sets, keep = restrict_contrasts([["a", "b", "c"], [], ["d"]], fixed_k=2)
+    assert keep.tolist() == [True, False, False] and sets == [["a", "b"], [], []]
+    np.testing.assert_array_equal(pad_contrasts([[1.0], []]), [[1.0], [np.nan]])
+
+
+def test_tau_is_selected_by_the_metric_on_dev():
+    # aligned pair: 1 above 3 contrasts; misaligned pair: 0.5 above 1 contrast. tau=0.2:
+    # e^5/(e^5+3) = 0.980 vs e^2.5/(e^2.5+1) = 0.924: AUROC 1. tau=100: ~1/4 vs ~1/2: AUROC 0.
+    r, c, y = np.array([1.0, 0.5]), np.array([[0.0, 0.0, 0.0], [0.0, np.nan, np.nan]]), np.array([1, 0])
+    tau, table = select_tau(r, c, y, [100.0, 0.2], ks=(1,))
+    assert tau == 0.2 and table[0.2]["auroc"] == 1.0 and table[100.0]["auroc"] == 0.0
+    # a pair without contrasts is ignored, and the first tau wins a tie
+    tau, _ = select_tau(np.r_[r, 9.0], np.r_[c, [[np.nan] * 3]], np.r_[y, 0], [0.25, 0.2], ks=(1,))
+    assert tau == 0.25
+
+
+def test_cli_textnorm_selects_tau_on_dev_and_writes_examples(synth_root, ckpt, tmp_path, capsys):
+    import json
+
+    from rahf.cli import main
+
+    out, ex = tmp_path / "tn.json", tmp_path / "ex.jsonl"
+    assert main(["textnorm", "--checkpoint", str(ckpt), "--data", str(synth_root), "--vocab", "synth",
+                 "--max-contrasts", "3", "--fixed-k", "3", "--tau", "0.05,1", "--batch-size", "16",
+                 "--out", str(out), "--examples", str(ex)]) == 0
+    res = json.loads(out.read_text())
+    rows = [json.loads(line) for line in ex.read_text().splitlines()]
+    assert res["dev_split"] == "dev" and res["tau"] in (0.05, 1.0) and len(rows) == res["counts"]["pairs"] == 16
+    kept = [r for r in rows if r["included"]]
+    assert len(kept) == res["counts"]["kept"] and res["counts"]["excluded"] == 16 - len(kept)
+    for r in rows:
+        if r["included"]:  # the written value is TextNorm of the written rewards at the chosen tau
+            assert len(r["contrasts"]) == 3 == len(r["contrast_rewards"])
+            want = textnorm([r["raw"]], [r["contrast_rewards"]], res["tau"])[0]
+            assert r["textnorm"] == pytest.approx(want, rel=1e-9)
+        else:
+            assert r["textnorm"] is None
+    best = max(res["dev_sweep"].values(), key=lambda m: m["auroc"])["auroc"]
+    assert res["dev_sweep"][f"{res['tau']:g}"]["auroc"] == best
+    assert "excluded for lack of contrasts" in capsys.readouterr().out

@@ -23,12 +23,70 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from ..data.validate import validate_dataset
+def add_token_arguments(p: argparse.ArgumentParser, intro: str = "") -> None:
+    p.add_argument("--config", metavar="YAML",
+                   help=intro + "Training config whose model.text settings (tokenizer, max_prompt_tokens, "
+                        "max_target_tokens, encoder_prompt) token lengths are measured against (default: "
+                        "configs/default.yaml, as training)")
+    p.add_argument("--tokenizer", metavar="SPEC",
+                   help="count tokens of this tokenizer instead of the config's: words, byt5, or a T5 tokenizer "
+                        "directory / hub name")
 
+
+class TokenSettings:
+    """The tokenizer, limits and encoder prompt that ``--config`` / ``--tokenizer`` name."""
+
+    def __init__(self, args: argparse.Namespace):
+        from ..training.config import default_config_path, resolve_config
+
+        from ..configtools import ConfigError
+
+        config = args.config or (str(default_config_path()) if default_config_path() else None)
+        try:
+            text = resolve_config(config).model.text
+        except (ConfigError, OSError) as e:
+            raise DataError(None, str(e), config or "--config") from None
+        self.spec = args.tokenizer or text.tokenizer
+        self.max_prompt_tokens, self.max_target_tokens = text.max_prompt_tokens, text.max_target_tokens
+        self.encoder = text.encoder_prompt
+        self.source = f"model.text of {config or 'the defaults'}" + (", tokenizer from --tokenizer" if args.tokenizer else "")
+        from ..model.tokenizer import load_tokenizer
+
+        try:
+            self.tokenizer = load_tokenizer(self.spec)
+        except (OSError, ValueError, ImportError) as e:
+            raise DataError(None, f"cannot load tokenizer {self.spec!r} ({e.__class__.__name__}); give --tokenizer: a local "
+                                  f"T5 tokenizer directory, words or byt5", "--tokenizer") from None
+
+    def header(self) -> str:
+        return (f"token lengths in tokenizer {self.spec!r} ({self.source}); the encoder reads the "
+                f"{'prompt as written' if self.encoder == 'original' else 'clean prompt'}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Every problem, one line each; with ``--config`` / ``--tokenizer`` also the token lengths per split
+    (percentiles, and how many texts the config's limits cut); then the summary line."""
+    from ..data.tokens import truncation_lines
+    from ..data.validate import token_lengths, validate_dataset
+
+    tokens = None
+    if args.config or args.tokenizer:
+        try:
+            tokens = TokenSettings(args)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     report = validate_dataset(args.root, splits=args.split or None)
     for p in report.problems:
         print(p)
+    lengths = tokens and token_lengths(args.root, tokens.tokenizer, args.split or None,
+                                       max_prompt_tokens=tokens.max_prompt_tokens,
+                                       max_target_tokens=tokens.max_target_tokens, encoder=tokens.encoder)
+    if lengths:
+        print(tokens.header())
+        for split, info in lengths.items():
+            for line in truncation_lines(split, info):
+                print(line)
     print(report.summary(), file=sys.stdout)
     return 0 if report.ok else 1
 
@@ -63,6 +121,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes for image decode-checks and heatmap re-encoding (default 1)")
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to convert (default: all three)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_token_arguments(p)
 
 
 def cmd_convert_richhf(args: argparse.Namespace) -> int:
@@ -83,10 +142,17 @@ def cmd_convert_richhf(args: argparse.Namespace) -> int:
         log("error: --workers must be at least 1")
         return 2
     try:
+        tokens = TokenSettings(args)
+    except DataError as e:
+        log(f"error: {e}")
+        return 2
+    try:
         report = convert_richhf(args.tfrecords, args.images, args.out, strict=args.strict,
                                 heatmap_size=args.heatmap_size, workers=args.workers,
                                 clip_scores=args.clip_scores, captions=args.captions, splits=splits,
-                                progress=not args.quiet, log=log)
+                                progress=not args.quiet, log=log, tokenizer=tokens.tokenizer,
+                                token_limits=(tokens.max_prompt_tokens, tokens.max_target_tokens),
+                                encoder_prompt=tokens.encoder, tokenizer_name=tokens.spec)
     except DataError as e:
         log(f"error: {e}")
         return 1
@@ -104,6 +170,8 @@ def register(subparsers) -> None:
     v = subparsers.add_parser("validate", help="check every record of a dataset directory")
     v.add_argument("root", metavar="DIR", help="dataset directory")
     v.add_argument("--split", action="append", help="split to check (repeatable; default: all present)")
+    add_token_arguments(v, "with either, also report token lengths: percentiles of the prompts (as the encoder "
+                           "reads them) and of the tagged prompts, and how many the limits cut. ")
     v.set_defaults(func=cmd_validate)
     c = subparsers.add_parser("convert-richhf", help="convert RichHF-18K TFRecords + Pick-a-Pic images",
                               description="Convert RichHF-18K (TFRecord labels) and Pick-a-Pic v1 images to the "

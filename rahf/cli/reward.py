@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -182,8 +183,8 @@ def cmd_cbm_apply(args) -> int:
 # rahf cbm experiment
 # ----------------------------------------------------------------------------------------------
 def cmd_cbm_experiment(args) -> int:
-    from ..reward.cbm import (SYNTH_ATTRIBUTES, TREES, controlled_experiment, format_curve_table, image_features,
-                      plot_curves, regenerate_synth, synth_attributes)
+    from ..reward.cbm import (SYNTH_ATTRIBUTES, TREES, controlled_experiment, format_interval_table, image_features,
+                              plot_curves, regenerate_synth, synth_attributes, verdicts)
     from ..data.format import read_manifest
 
     require("matplotlib", extra="report", purpose="the experiment plot")
@@ -206,29 +207,35 @@ def cmd_cbm_experiment(args) -> int:
         data[split] = (feats, attrs)
         _log(f"{split}: {len(recs)} records, features {feats.shape[1]}-d, {time.perf_counter() - t0:.1f} s")
     (F, A), (Fe, Ae) = data[args.train_split], data[args.eval_split]
-    res = controlled_experiment(F, A, Fe, Ae, tree, budgets=args.budgets, seeds=args.seeds,
-                                l2_features=args.l2_features, l2_cbm=args.l2, seed=args.seed, training=args.training)
-    res["features"] = "scorer.embed" if args.checkpoint else "image_features"
-    res["attribute_rates"] = {n: float(A[n].mean()) for n in A}
-    _write_json(out / "experiment.json", res)
-    plot_curves(res, out / "experiment.png", title=f"tree: {tree.text}")
-    table = format_curve_table(res)
+    res = {"features": "scorer.embed" if args.checkpoint else "image_features",
+           "attribute_rates": {n: float(A[n].mean()) for n in A}, "axes": {}}
+    parts = []
+    for axis, budgets in (("images", args.budgets), ("cost", args.cost_budgets)):
+        if not budgets:
+            continue
+        t0 = time.perf_counter()
+        r = controlled_experiment(F, A, Fe, Ae, tree, budgets=budgets, seeds=args.seeds, l2_features=args.l2_features,
+                                  l2_cbm=args.l2, seed=args.seed, training=args.training, capacity=args.capacity,
+                                  hidden=args.hidden, axis=axis, attribute_cost=args.attribute_cost,
+                                  replicates=args.replicates)
+        _log(f"{axis} axis: {time.perf_counter() - t0:.1f} s")
+        res["axes"][axis] = r
+        res.update({k: r[k] for k in ("sets", "positive_rate", "tree")})
+        if axis == "images":
+            plot_curves(r, out / "experiment.png", title=f"tree: {tree.text}")
+        lines = verdicts(r)
+        title = ("labelled images (the same rows for every model)" if axis == "images" else
+                 f"labelling cost (a coarse label costs 1, an attribute label {args.attribute_cost:g}; n = images used)")
+        parts.append(f"### ROC-AUC by {title}; mean over draws [paired bootstrap 95% interval]\n\n"
+                     + format_interval_table(r) + "\n\nverdict (only where the interval of the difference excludes 0):\n"
+                     + ("\n".join("- " + v for v in lines) if lines else "- none: every CBM is within noise of coarse"))
     head = (f"target tree ({tree.name}): {tree.text}\npositive rate fit {res['positive_rate']['fit']:.2f}, eval "
             f"{res['positive_rate']['eval']:.2f}; features: {res['features']}; {args.seeds} draws per budget; "
-            f"stage-2 training: {args.training}\nattribute sets: " +
-            "; ".join(f"{k} = {','.join(v)}" for k, v in res["sets"].items()))
-    # the concept-bottleneck paper's qualitative check (its Fig. 3), on budgets with at least 2 draws averaged and the largest
-    c = res["curves"]
-    ks = res["budgets"]
-    mean = {m: np.nanmean([c[m][k]["mean"] for k in ks]) for m in c}
-    verdict = {"right_beats_coarse": bool(mean["cbm-right"] > mean["coarse"]),
-               "mismatched_below_coarse": bool(mean["cbm-mismatched"] < mean["coarse"]),
-               "mismatched_below_right": bool(mean["cbm-mismatched"] < mean["cbm-right"])}
-    res["check"] = {"mean_auc_over_budgets": mean, **verdict}
+            f"stage-2 training: {args.training}; stage 1 and coarse: {args.capacity}"
+            + (f" ({args.hidden} hidden units)" if args.capacity == "mlp" else "") + "\nattribute sets: "
+            + "; ".join(f"{k} = {','.join(v)}" for k, v in res["sets"].items()))
     _write_json(out / "experiment.json", res)
-    text = (head + "\n\n" + table + "\n\nmean ROC-AUC over budgets: " +
-            ", ".join(f"{m} {v:.3f}" for m, v in mean.items()) + "\ncheck: " +
-            ", ".join(f"{k}={v}" for k, v in verdict.items()))
+    text = head + "\n\n" + "\n\n".join(parts)
     (out / "experiment.md").write_text(text + "\n")
     print(text)
     print(f"\nwrote {out}/experiment.json, experiment.png, experiment.md")
@@ -239,107 +246,219 @@ def cmd_cbm_experiment(args) -> int:
 # rahf textnorm / rahf ensemble
 # ----------------------------------------------------------------------------------------------
 def _generator(args):
-    from ..reward.textnorm import RuleContrast, Vocabulary, default_vocabulary
+    from ..reward.textnorm import FileContrasts, SwapContrast
 
+    if args.contrast_file:
+        return FileContrasts(args.contrast_file)
     if args.generator:
         mod, _, name = args.generator.partition(":")
-        fn = getattr(importlib.import_module(mod), name or "generate")
-        return fn
-    vocab = Vocabulary.load(args.vocab) if args.vocab else default_vocabulary()
+        return getattr(importlib.import_module(mod), name or "generate")
     kinds = [k for k in args.kinds.split(",") if k]
-    return RuleContrast(vocab, kinds=kinds, max_contrasts=args.max_contrasts, seed=args.seed)
+    return SwapContrast(args.vocab, kinds=kinds, max_contrasts=args.max_contrasts, seed=args.seed)
 
 
 def _contrast_rewards(scorer, images, prompts, contrasts, score: str, batch_size: int):
     """(N,) rewards of the prompts and (N, K) of their contrasts (NaN padding)."""
-    flat_img, flat_p, owner = [], [], []
-    for i, (im, p, cs) in enumerate(zip(images, prompts, contrasts)):
+    from ..reward.textnorm import pad_contrasts
+
+    flat_img, flat_p = [], []
+    for im, p, cs in zip(images, prompts, contrasts):
         for q in [p, *cs]:
             flat_img.append(im)
             flat_p.append(q)
-            owner.append(i)
     res = scorer.score(flat_img, flat_p, batch_size=batch_size, decode=None)
     vals = np.array([float(r.scores[score] if hasattr(r, "scores") else r["scores"][score]) for r in res])
-    K = max((len(c) for c in contrasts), default=0)
-    raw = np.empty(len(prompts))
-    con = np.full((len(prompts), max(K, 1)), np.nan)
-    pos = 0
+    raw, con, pos = np.empty(len(prompts)), [], 0
     for i, cs in enumerate(contrasts):
         raw[i] = vals[pos]
-        con[i, : len(cs)] = vals[pos + 1: pos + 1 + len(cs)]
+        con.append(vals[pos + 1: pos + 1 + len(cs)])
         pos += 1 + len(cs)
-    return raw, con
+    return raw, pad_contrasts(con)
 
 
-def _load_pairs(args):
-    from ..reward.textnorm import contrast_sets
+def _load_pairs(args, split: str):
+    """Pairs of a split: entries, images, prompts, labels (1 = aligned), contrast sets restricted by
+    ``--fixed-k`` (``[]`` for excluded pairs) and the mask of kept pairs."""
+    from ..reward.textnorm import contrast_sets, restrict_contrasts
 
-    entries, paths = _records(args.data, args.split, args.limit)
+    entries, paths = _records(args.data, split, args.limit)
     prompts = [e["prompt"] for e in entries]
     labels = np.array([int(not misaligned_words(e["tagged_prompt"])) for e in entries])  # 1 = aligned
     images = [load_image(p, e["uid"]) for p, e in zip(paths, entries)]
-    contrasts = contrast_sets(prompts, _generator(args))
-    return entries, images, prompts, labels, contrasts
+    contrasts, keep = restrict_contrasts(contrast_sets(prompts, _generator(args), [e["uid"] for e in entries]),
+                                         args.fixed_k)
+    _log(f"{split}: {len(prompts)} pairs, {int(keep.sum())} with contrasts, {int((~keep).sum())} excluded "
+         f"({'fewer than ' + str(args.fixed_k) if args.fixed_k else 'none'} contrasts)")
+    return {"split": split, "entries": entries, "images": images, "prompts": prompts, "labels": labels,
+            "contrasts": contrasts, "keep": keep}
+
+
+def _splits(args) -> list[str]:
+    return [args.split] if not args.dev_split or args.dev_split == "none" else [args.dev_split, args.split]
+
+
+def _counts(d) -> dict:
+    k = d["keep"]
+    return {"pairs": int(k.size), "kept": int(k.sum()), "excluded": int((~k).sum()),
+            "positives_kept": int(d["labels"][k].sum()),
+            "contrasts_per_kept_pair": float(np.mean([len(c) for c, x in zip(d["contrasts"], k) if x])) if k.any() else 0.0}
 
 
 def cmd_textnorm(args) -> int:
     from ..eval.metrics import ranking_metrics
-    from ..reward.textnorm import format_metric_table, textnorm
+    from ..reward.textnorm import format_metric_table, select_tau, textnorm
 
-    entries, images, prompts, labels, contrasts = _load_pairs(args)
+    splits = _splits(args)
+    if len(splits) == 1 and len(args.tau) != 1:
+        raise SystemExit("without --dev-split give one --tau (tau is chosen on the dev split, not on the test split)")
+    data = {s: _load_pairs(args, s) for s in splits}
     scorer = scorer_from_args(args)
-    t0 = time.perf_counter()
-    raw, con = _contrast_rewards(scorer, images, prompts, contrasts, args.score, args.batch_size)
-    _log(f"scored {len(prompts)} pairs + {sum(map(len, contrasts))} contrasts in {time.perf_counter() - t0:.1f} s")
+    for d in data.values():
+        t0 = time.perf_counter()
+        d["raw"], d["con"] = _contrast_rewards(scorer, d["images"], d["prompts"], d["contrasts"], args.score,
+                                               args.batch_size)
+        _log(f"{d['split']}: scored {len(d['prompts'])} pairs + {sum(map(len, d['contrasts']))} contrasts in "
+             f"{time.perf_counter() - t0:.1f} s")
     ks = args.ks
-    rows = {f"raw {args.score}": ranking_metrics(raw, labels, ks)}
-    for tau in args.tau:
-        rows[f"textnorm tau={tau:g}"] = ranking_metrics(textnorm(raw, con, tau), labels, ks)
-    table = format_metric_table(rows)
-    n_c = [len(c) for c in contrasts]
-    head = (f"{len(prompts)} pairs ({int(labels.sum())} aligned = positive class), score {args.score!r}, "
-            f"{np.mean(n_c):.1f} contrasts per prompt (min {min(n_c)}, max {max(n_c)})")
-    print(head + "\n\n" + table)
-    result = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "score": args.score,
-              "n": len(prompts), "positives": int(labels.sum()), "contrasts_per_prompt": float(np.mean(n_c)),
-              "metrics": rows, "examples": [{"prompt": p, "contrasts": c} for p, c in zip(prompts[:3], contrasts[:3])]}
+    dev, test = (data[splits[0]], data[splits[-1]]) if len(splits) == 2 else (None, data[splits[0]])
+    for d in data.values():
+        if not d["keep"].any():
+            raise SystemExit(f"{d['split']}: no pair has contrasts; nothing to normalise")
+    if dev is not None:
+        tau, sweep = select_tau(dev["raw"], dev["con"], dev["labels"], args.tau, args.select_metric, ks)
+    else:
+        tau, sweep = float(args.tau[0]), {}
+    k = test["keep"]
+    tn = textnorm(test["raw"], test["con"], tau)
+    rows = {f"raw {args.score} (all pairs)": ranking_metrics(test["raw"], test["labels"], ks),
+            f"raw {args.score} (kept pairs)": ranking_metrics(test["raw"][k], test["labels"][k], ks),
+            f"textnorm tau={tau:g} (kept pairs)": ranking_metrics(tn[k], test["labels"][k], ks)}
+    c = _counts(test)
+    head = (f"test split {test['split']!r}: {c['pairs']} pairs, {c['kept']} kept ({c['positives_kept']} aligned = "
+            f"positive class), {c['excluded']} excluded for lack of contrasts; {c['contrasts_per_kept_pair']:.1f} "
+            f"contrasts per kept pair; score {args.score!r}; tau {tau:g} "
+            + (f"chosen on {dev['split']!r} by {args.select_metric}" if dev is not None else "given"))
+    text = head + "\n\n" + format_metric_table(rows)
+    if sweep:
+        text += f"\n\ntau sweep on the dev split ({_counts(dev)['kept']} kept pairs):\n\n" + format_metric_table(
+            {f"tau={t:g}": m for t, m in sweep.items()})
+    print(text)
+    result = {"checkpoint": args.checkpoint, "data": args.data, "split": test["split"],
+              "dev_split": dev["split"] if dev is not None else None, "score": args.score, "tau": tau,
+              "select_metric": args.select_metric, "fixed_k": args.fixed_k, "counts": c,
+              "dev_counts": _counts(dev) if dev is not None else None,
+              "dev_sweep": {f"{t:g}": m for t, m in sweep.items()}, "metrics": rows}
     if args.out:
         _write_json(args.out, result)
         _log(f"wrote {args.out}")
+    if args.examples:
+        p = Path(args.examples)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "w") as f:
+            for i, e in enumerate(test["entries"]):
+                cr = test["con"][i][~np.isnan(test["con"][i])]
+                f.write(json.dumps({"uid": e["uid"], "prompt": test["prompts"][i], "label": int(test["labels"][i]),
+                                    "included": bool(k[i]), "raw": float(test["raw"][i]),
+                                    "textnorm": float(tn[i]) if k[i] else None, "tau": tau,
+                                    "contrasts": test["contrasts"][i], "contrast_rewards": cr.tolist()}) + "\n")
+        _log(f"wrote {p}")
     return 0
 
 
-def cmd_ensemble(args) -> int:
-    from ..reward.ensemble import ensemble_report, ensemble_rewards
-    from ..reward.textnorm import format_metric_table
+def _member_rewards(args, spec: str, data: Mapping[str, dict]):
+    """(name, {split: (raw (N,), contrast (N, K))}) of one ensemble member: a reward table (JSONL by
+    uid) or a checkpoint scored here."""
+    from ..reward.ensemble import read_reward_table
+    from ..reward.textnorm import pad_contrasts
 
-    entries, images, prompts, labels, contrasts = _load_pairs(args)
-    raws, cons, names = [], [], []
-    for i, ck in enumerate(args.checkpoints):
-        scorer = scorer_from_args(args, ck)
-        t0 = time.perf_counter()
-        if args.no_textnorm:
-            res = scorer.score(images, prompts, batch_size=args.batch_size, decode=None)
-            raws.append(np.array([float(r.scores[args.score]) for r in res]))
-        else:
-            r, c = _contrast_rewards(scorer, images, prompts, contrasts, args.score, args.batch_size)
-            raws.append(r)
-            cons.append(c)
-        names.append(f"m{i}")
-        _log(f"m{i} = {ck}: scored in {time.perf_counter() - t0:.1f} s")
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = Path(spec.rstrip("/")).name or spec, spec
+    out = {}
+    if path.endswith((".jsonl", ".json", ".ndjson")):
+        table = read_reward_table(path)
+        for s, d in data.items():
+            uids = [e["uid"] for e in d["entries"]]
+            missing = [u for u in uids if u not in table]
+            if missing:
+                raise SystemExit(f"member {name} ({path}) has no reward for {len(missing)} pairs of {s}, e.g. "
+                                 f"{missing[0]!r}")
+            raw = np.array([table[u][0] for u in uids])
+            con = pad_contrasts([table[u][1] or [] for u in uids])
+            out[s] = (raw, con)
+    else:
+        scorer = scorer_from_args(args, path)
+        for s, d in data.items():
+            t0 = time.perf_counter()
+            cs = [[] for _ in d["contrasts"]] if args.no_textnorm else d["contrasts"]
+            out[s] = _contrast_rewards(scorer, d["images"], d["prompts"], cs, args.score, args.batch_size)
+            _log(f"{name} = {path}: scored {s} in {time.perf_counter() - t0:.1f} s")
         del scorer
-    rewards = ensemble_rewards(np.stack(raws), None if args.no_textnorm else np.stack(cons), tau=args.tau,
-                               lams=args.lam, names=names)
-    rows = ensemble_report(rewards, labels, args.ks)
-    table = format_metric_table(rows)
-    head = (f"{len(prompts)} pairs ({int(labels.sum())} aligned), score {args.score!r}, {len(names)} models "
-            + ", ".join(f"{n}={c}" for n, c in zip(names, args.checkpoints))
-            + ("" if args.no_textnorm else f"; TextNorm tau={args.tau:g}"))
-    print(head + "\n\n" + table)
+    return name, out
+
+
+def cmd_ensemble(args) -> int:
+    from ..reward.ensemble import ensemble_report, ensemble_rewards, select_lambda
+    from ..reward.textnorm import format_metric_table, select_tau, textnorm
+
+    splits = _splits(args)
+    if len(splits) == 1 and (len(args.lam) != 1 or len(args.tau) != 1):
+        raise SystemExit("without --dev-split give one --lam and one --tau (they are chosen on the dev split)")
+    data = {s: _load_pairs(args, s) for s in splits}
+    names, per = [], {s: ([], []) for s in splits}
+    for spec in args.members:
+        name, r = _member_rewards(args, spec, data)
+        if name in names:
+            raise SystemExit(f"two members named {name!r}: name them NAME=PATH")
+        names.append(name)
+        for s in splits:
+            per[s][0].append(r[s][0])
+            per[s][1].append(r[s][1])
+    stacked = {}
+    for s in splits:
+        K = max(c.shape[1] for c in per[s][1])
+        con = np.stack([np.pad(c, ((0, 0), (0, K - c.shape[1])), constant_values=np.nan) for c in per[s][1]])
+        keep = np.ones(con.shape[1], bool) if args.no_textnorm else (~np.isnan(con)).any(axis=2).all(axis=0)
+        stacked[s] = (np.stack(per[s][0]), con, keep)
+    dev, test = (splits[0], splits[-1]) if len(splits) == 2 else (None, splits[0])
+    for s in splits:
+        if not stacked[s][2].any():
+            raise SystemExit(f"{s}: no pair has contrasts from every member")
+    # per-member tau and lambda on dev (kept pairs only)
+    choice: dict = {}
+    if dev is not None:
+        R, C, k = stacked[dev]
+        y = data[dev]["labels"][k]
+        if not args.no_textnorm:
+            choice["tau"] = [select_tau(R[m, k], C[m, k], y, args.tau, args.select_metric, args.ks)[0]
+                             for m in range(len(names))]
+        choice["lambda"] = select_lambda(R[:, k], y, args.lam, args.select_metric, args.ks)[0]
+        if not args.no_textnorm:
+            T = np.stack([textnorm(R[m, k], C[m, k], choice["tau"][m]) for m in range(len(names))])
+            choice["lambda_textnorm"] = select_lambda(T, y, args.lam, args.select_metric, args.ks)[0]
+    else:
+        choice = {"tau": [args.tau[0]] * len(names), "lambda": args.lam[0], "lambda_textnorm": args.lam[0]}
+    R, C, k = stacked[test]
+    y = data[test]["labels"][k]
+    rw = ensemble_rewards(R[:, k], None if args.no_textnorm else C[:, k], tau=choice.get("tau", 1.0),
+                          lams=sorted({choice["lambda"], choice.get("lambda_textnorm", choice["lambda"])}), names=names)
+    lt = choice.get("lambda_textnorm")
+    keys = [*names, "mean", f"mean-{choice['lambda']:g}std"]
+    if not args.no_textnorm:
+        keys += [n + "+textnorm" for n in names] + ["mean+textnorm", f"mean-{lt:g}std+textnorm"]
+    rows = ensemble_report({key: rw[key] for key in keys}, y, args.ks)
+    head = (f"test split {test!r}: {int(k.size)} pairs, {int(k.sum())} kept ({int(y.sum())} aligned), "
+            f"{int((~k).sum())} excluded (a member without contrasts); score {args.score!r}; members "
+            + ", ".join(f"{n}={s.partition('=')[2] or s}" for n, s in zip(names, args.members))
+            + (f"\nchosen on {dev!r} by {args.select_metric}: " if dev is not None else "\ngiven: "))
+    head += f"lambda {choice['lambda']:g}" + ("" if args.no_textnorm else
+                                            f", lambda (textnorm) {lt:g}, tau " +
+                                            ", ".join(f"{n} {t:g}" for n, t in zip(names, choice["tau"])))
+    print(head + "\n\n" + format_metric_table(rows))
     if args.out:
-        _write_json(args.out, {"checkpoints": args.checkpoints, "names": names, "score": args.score,
-                               "tau": args.tau, "lams": args.lam, "n": len(prompts),
-                               "positives": int(labels.sum()), "metrics": rows})
+        _write_json(args.out, {"members": args.members, "names": names, "score": args.score, "split": test,
+                               "dev_split": dev, "choice": choice, "n": int(k.size), "kept": int(k.sum()),
+                               "positives": int(y.sum()), "metrics": rows})
         _log(f"wrote {args.out}")
     return 0
 
@@ -357,14 +476,22 @@ def _model_args(p, required: bool = False) -> None:
 
 
 def _contrast_args(p) -> None:
-    add_data(p)
+    add_data(p, split="test", split_help="split the results are reported on (default test)")
+    p.add_argument("--dev-split", default="dev", help="split on which tau (and lambda) are chosen (default dev; "
+                   "'none': use the single --tau/--lam given)")
     p.add_argument("--score", default="alignment", choices=list(SCORE_NAMES),
                    help="the RAHF score used as reward r(x, y) (default alignment)")
-    p.add_argument("--max-contrasts", type=int, default=8, help="contrastive prompts per prompt (0: all)")
-    p.add_argument("--kinds", default="colour,count,object,size,relation", help="swap kinds of the rule generator")
-    p.add_argument("--vocab", default=None, help="JSON vocabulary extending the synth one "
-                   '({"colours": [...], "nouns": {"cat": "cats"}, "numerals": [...], "sizes": [...], "relations": [...]})')
+    p.add_argument("--max-contrasts", type=int, default=8, help="word swaps per prompt (0: every allowed swap)")
+    p.add_argument("--fixed-k", type=int, default=None,
+                   help="keep only pairs with at least K contrasts and use their first K (default: every pair "
+                        "with at least one)")
+    p.add_argument("--kinds", default="colour,object,count,size,relation", help="swap kinds (rahf.swaps)")
+    p.add_argument("--vocab", default="default", choices=["default", "synth"],
+                   help="swap vocabulary: default (synth + common words of natural prompts) or synth")
+    p.add_argument("--contrast-file", default=None,
+                   help='JSONL, one line per prompt: {"uid" and/or "prompt", "contrasts": [...]} (replaces the swaps)')
     p.add_argument("--generator", default=None, help="module:function, a callable prompt -> list of contrastive prompts")
+    p.add_argument("--select-metric", default="auroc", help="ranking metric that chooses tau/lambda on --dev-split")
     p.add_argument("--ks", type=_ints, default=[10, 50], help="k of AP@k, comma-separated (default 10,50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
@@ -413,9 +540,16 @@ def register(subparsers) -> None:
     e.add_argument("--tree", default="image", choices=["image", "feedback"])
     e.add_argument("--train-split", default="train")
     e.add_argument("--eval-split", default="test")
-    e.add_argument("--budgets", type=_ints, default=[25, 50, 100, 200, 400, "all"])
+    e.add_argument("--budgets", type=_ints, default=[25, 100, 400, "all"], help="image budgets")
     e.add_argument("--seeds", type=int, default=5)
-    e.add_argument("--training", default="independent", choices=["independent", "sequential"])
+    e.add_argument("--cost-budgets", type=_ints, default=[100, 400, 1600],
+                   help="labelling-cost budgets (a coarse label costs 1; empty: skip the cost axis)")
+    e.add_argument("--attribute-cost", type=float, default=1.0, help="cost of one attribute label (default 1)")
+    e.add_argument("--training", default="sequential", choices=["sequential", "independent"],
+                   help="stage 2 on stage 1's out-of-fold probabilities (sequential) or on true attributes")
+    e.add_argument("--capacity", default="linear", choices=["linear", "mlp"], help="stage 1 and coarse model")
+    e.add_argument("--hidden", type=int, default=32, help="hidden units of the mlp capacity")
+    e.add_argument("--replicates", type=int, default=500, help="bootstrap replicates")
     e.add_argument("--l2", type=float, default=1e-2, help="stage-2 L2")
     e.add_argument("--l2-features", type=float, default=1.0, help="L2 of the models on features (coarse, stage 1)")
     e.add_argument("--aesthetics-threshold", type=float, default=0.55)
@@ -425,18 +559,23 @@ def register(subparsers) -> None:
     t = subparsers.add_parser("textnorm", help="raw vs TextNorm-calibrated reward on aligned/misaligned pairs")
     _model_args(t, required=True)
     _contrast_args(t)
-    t.add_argument("--tau", type=_floats, default=[0.01, 0.05, 0.1, 1.0], help="temperatures, comma-separated")
+    t.add_argument("--tau", type=_floats, default=[0.01, 0.05, 0.1, 1.0],
+                   help="candidate temperatures, comma-separated, chosen on --dev-split")
+    t.add_argument("--examples", default=None, help="write per-pair raw and normalised rewards (JSONL) here")
     t.set_defaults(func=cmd_textnorm)
 
-    en = subparsers.add_parser("ensemble", help="several checkpoints: mean and mean - lambda*std, raw and TextNorm")
-    en.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT",
-                    help="checkpoint directories or Hugging Face Hub repo ids (org/name[@revision])")
+    en = subparsers.add_parser("ensemble", help="several reward models: mean and mean - lambda*std, raw and TextNorm")
+    en.add_argument("--members", "--checkpoints", nargs="+", required=True, metavar="[NAME=]MEMBER", dest="members",
+                    help="checkpoint directories, Hugging Face Hub repo ids (org/name[@revision]) or reward tables "
+                         '(.jsonl: {"uid", "reward", "contrast_rewards"} per pair, any model)')
     add_device(en)
     add_dtype(en)
     add_batch_size(en)
     _limit_arg(en)
     _contrast_args(en)
-    en.add_argument("--tau", type=float, default=0.05)
-    en.add_argument("--lam", type=_floats, default=[0.5, 1.0], help="uncertainty penalties, comma-separated")
+    en.add_argument("--tau", type=_floats, default=[0.01, 0.05, 0.1, 1.0],
+                    help="candidate temperatures; one is chosen per member on --dev-split")
+    en.add_argument("--lam", type=_floats, default=[0.0, 0.5, 1.0],
+                    help="candidate uncertainty penalties, chosen on --dev-split")
     en.add_argument("--no-textnorm", action="store_true", help="raw rewards only (no contrast scoring)")
     en.set_defaults(func=cmd_ensemble)

@@ -18,7 +18,10 @@ A manifest line::
      "misalignment_map": "misalignment/000123.png"}
 
 Paths are relative to the split directory. ``prompt`` is the clean words joined by single spaces
-(see :func:`split_words`); ``tagged_prompt`` has ``_0`` appended to each misaligned word.
+(see :func:`split_words`); ``tagged_prompt`` has ``_0`` appended to each misaligned word. An
+optional ``prompt_raw`` keeps the caption as written (punctuation, spacing) when it differs from
+``prompt``, e.g. ``"A yellow cat, on a red mat!"``: the model's text encoder can read it
+(``model.text.encoder_prompt: original``) while the labels stay aligned to ``prompt``'s words.
 All four scores are in [0, 1], higher is better. ``dataset.json`` may declare ``heatmap_size`` (a
 positive integer: every heatmap of the dataset is that many pixels square).
 
@@ -34,6 +37,8 @@ markers for file-level ones):
 * the line is a UTF-8 JSON object with every field (:data:`FIELDS`); uid non-empty and unique in the
   split;
 * prompt non-empty and at most :data:`MAX_PROMPT_CHARS` characters; tagged_prompt's words = prompt's;
+  ``prompt_raw``, when present, a string of at most :data:`MAX_PROMPT_CHARS` characters whose clean
+  form (:func:`clean_prompt`) is ``prompt``;
 * four finite scores in [0, 1];
 * file paths are non-empty, relative and stay inside the split directory;
 * the image decodes, is at least :data:`MIN_IMAGE_SIDE` px on each side and at most
@@ -71,7 +76,12 @@ MANIFEST = "manifest.jsonl"
 FILE_FIELDS: tuple[str, ...] = ("image",) + tuple(f"{m}_map" for m in MAP_NAMES)
 """Manifest fields naming a record's files, relative to the split directory."""
 FIELDS: tuple[str, ...] = ("uid", "prompt", "tagged_prompt", "scores") + FILE_FIELDS
-"""Every field of a manifest line."""
+"""Every required field of a manifest line."""
+OPTIONAL_FIELDS: tuple[str, ...] = ("prompt_raw",)
+"""Fields a manifest line may have: ``prompt_raw``, the caption as written (see the module docstring)."""
+ENCODER_PROMPTS: tuple[str, ...] = ("clean", "original")
+"""What the text encoder reads: the clean ``prompt``, or the ``original`` caption (``prompt_raw`` where
+a record has one, else ``prompt``)."""
 
 
 def map_to_png_bytes(heatmap: np.ndarray) -> bytes:
@@ -98,6 +108,11 @@ class Example:
     image: Image.Image
     implausibility_map: np.ndarray
     misalignment_map: np.ndarray
+    prompt_raw: str | None = None  # the caption as written, when the manifest keeps it
+
+    def encoder_prompt(self, mode: str = "clean") -> str:
+        """The text the encoder reads (see :data:`ENCODER_PROMPTS`)."""
+        return encoder_prompt(self.prompt, self.prompt_raw, mode)
 
     @property
     def words(self) -> list[str]:
@@ -106,6 +121,13 @@ class Example:
     @property
     def misaligned(self) -> list[bool]:
         return parse_tagged(self.tagged_prompt)[1]
+
+
+def encoder_prompt(prompt: str, prompt_raw: str | None, mode: str = "clean") -> str:
+    """``prompt_raw`` for ``mode="original"`` when there is one, else ``prompt`` (:data:`ENCODER_PROMPTS`)."""
+    if mode not in ENCODER_PROMPTS:
+        raise ValueError(f"encoder prompt must be one of {ENCODER_PROMPTS}, got {mode!r}")
+    return prompt_raw if mode == "original" and prompt_raw else prompt
 
 
 def check_entry(entry: Mapping, where: str = "manifest") -> None:
@@ -129,6 +151,16 @@ def check_entry(entry: Mapping, where: str = "manifest") -> None:
     words, _ = parse_tagged(entry["tagged_prompt"])
     if words != entry["prompt"].split():
         raise DataError(uid, "tagged_prompt words do not match prompt words", where)
+    raw = entry.get("prompt_raw")
+    if raw is not None:
+        if not isinstance(raw, str):
+            raise DataError(uid, "field 'prompt_raw' must be a string", where)
+        if len(raw) > MAX_PROMPT_CHARS:
+            raise DataError(uid, f"prompt_raw has {len(raw):,} characters, more than the limit of "
+                                 f"{MAX_PROMPT_CHARS:,}", where)
+        if clean_prompt(raw) != entry["prompt"]:
+            raise DataError(uid, "prompt_raw's words do not match prompt (prompt must be clean_prompt(prompt_raw))",
+                            where)
     scores = entry["scores"]
     if not isinstance(scores, Mapping):
         raise DataError(uid, "scores must be an object", where)
@@ -296,6 +328,7 @@ class RAHFDatasetSplit(Sequence):
             image=image,
             implausibility_map=maps["implausibility"],
             misalignment_map=maps["misalignment"],
+            prompt_raw=e.get("prompt_raw"),
         )
 
     def __iter__(self) -> Iterator[Example]:
@@ -375,7 +408,9 @@ class SplitWriter:
                 self.count += 1
 
     def add(self, uid: str, prompt: str, tagged_prompt: str, scores: Mapping[str, float], image,
-            implausibility_map, misalignment_map) -> dict:
+            implausibility_map, misalignment_map, prompt_raw: str | None = None) -> dict:
+        """Write one record; ``prompt_raw`` (the caption as written) is kept only when it differs from
+        ``prompt``."""
         if isinstance(image, Image.Image):
             img_rel = f"images/{uid}.png"
             image.save(self.dir / img_rel, format="PNG")
@@ -386,6 +421,7 @@ class SplitWriter:
         entry = {
             "uid": uid,
             "prompt": prompt,
+            **({"prompt_raw": prompt_raw} if prompt_raw is not None and prompt_raw != prompt else {}),
             "tagged_prompt": tagged_prompt,
             "scores": {k: float(scores[k]) for k in SCORE_NAMES},
             "image": img_rel,

@@ -26,6 +26,11 @@ Work happens in stages, so that memory stays small whatever the size of SOURCE:
    re-reading each record's heatmaps by offset; write ``dataset.json`` and
    ``conversion_report.json``, and remove files of earlier runs that no manifest references.
 
+Each record keeps its caption as written (``prompt_raw``, when it differs from the clean ``prompt``)
+for a text encoder that reads the original prompt (``model.text.encoder_prompt: original``). Given a
+tokenizer, the report also holds each split's token lengths of prompts and targets (tagged prompts)
+and how many exceed the model's token limits (:func:`rahf.data.validate.entry_token_lengths`).
+
 ``OUT/.richhf_cache.jsonl`` remembers images already written (size and CRC-32C) and, for parquet
 sources, where each uid was found; a re-run skips that work and produces the same manifests and
 the same report.
@@ -50,8 +55,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .._extras import require
-from ..schema import MAP_NAMES, SCORE_NAMES, SPLITS, DataError, error_text, load_image, split_words, tag_words
+from ..schema import (MAP_NAMES, MAX_PROMPT_CHARS, SCORE_NAMES, SPLITS, DataError, error_text, load_image, split_words,
+                      tag_words)
 from .format import SplitWriter, write_dataset_info
+from .tokens import format_summary
 from .tfrecord import DecodeError, crc32c, decode_example, iter_tfrecord, read_record_at
 
 __all__ = ["convert_richhf", "ConversionError", "SCORE_FEATURES", "MAP_FEATURES", "SKIP_REASONS"]
@@ -80,6 +87,7 @@ SKIP_REASONS: dict[str, str] = {
     "missing_image": "the image is not in SOURCE",
     "missing_caption": "folder source: the uid has no caption in the captions file",
     "empty_prompt": "the caption has no words",
+    "long_prompt": f"the caption is longer than {MAX_PROMPT_CHARS} characters",
     "bad_label": "prompt_misalignment_label has tokens other than 0 and 1",
     "label_count_mismatch": "the number of labels differs from the number of prompt words",
     "corrupt_image": "the image does not decode",
@@ -214,6 +222,7 @@ class _Rec:
     labels: list = field(default_factory=list)
     skip: tuple | None = None  # (reason, detail)
     prompt: str = ""
+    prompt_raw: str = ""  # the caption as written
     tagged: str = ""
     ext: str = ""
 
@@ -638,8 +647,15 @@ def convert_richhf(tfrecords: str | os.PathLike, images: str | os.PathLike, out:
                    strict: bool = False, heatmap_size: int | None = None, workers: int = 1,
                    clip_scores: bool = False, captions: str | os.PathLike | None = None,
                    splits: Sequence[str] = SPLITS, progress: bool = True,
-                   log: Callable[[str], None] | None = None) -> dict:
+                   log: Callable[[str], None] | None = None, tokenizer=None,
+                   token_limits: tuple[int, int] | None = None, encoder_prompt: str = "clean",
+                   tokenizer_name: str | None = None) -> dict:
     """Convert RichHF-18K; return the report (also written to ``OUT/conversion_report.json``).
+
+    ``tokenizer`` (a loaded tokenizer; ``tokenizer_name`` names it in the report): also report each
+    kept split's token lengths — the prompts as the encoder reads them (``encoder_prompt``: ``clean``
+    or ``original``) and the tagged prompts — with ``over_limit`` counts against ``token_limits``
+    (max prompt tokens, max target tokens).
 
     Raises :class:`ConversionError` for a bad SOURCE or (with ``strict``) any skipped record, and
     :class:`rahf.data.tfrecord.TFRecordError` for a corrupt or truncated TFRecord file.
@@ -708,6 +724,8 @@ def convert_richhf(tfrecords: str | os.PathLike, images: str | os.PathLike, out:
                 words = split_words(cap)
                 if not words:
                     r.skip = ("empty_prompt", f"caption {cap!r} has no words")
+                elif len(cap) > MAX_PROMPT_CHARS:
+                    r.skip = ("long_prompt", f"caption has {len(cap):,} characters")
                 elif any(t not in ("0", "1") for t in r.labels):
                     r.skip = ("bad_label", f"labels {' '.join(r.labels)!r} are not all 0/1")
                 elif len(words) != len(r.labels):
@@ -715,6 +733,7 @@ def convert_richhf(tfrecords: str | os.PathLike, images: str | os.PathLike, out:
                                                       f"({' '.join(words)!r})")
                 else:
                     r.prompt = " ".join(words)
+                    r.prompt_raw = cap
                     r.tagged = tag_words(words, [t == "0" for t in r.labels])
         _fail_strict(strict, (r for sp in data.values() for r in sp.records))
 
@@ -780,11 +799,20 @@ def convert_richhf(tfrecords: str | os.PathLike, images: str | os.PathLike, out:
                         if not ok:  # decoded in stage 1, so this means the file changed meanwhile
                             raise ConversionError(r.uid, f"heatmap no longer decodes: {maps}", str(sp.path))
                         img = (out / sp.name / "images" / f"{r.uid}.{r.ext}").read_bytes()
-                        writer.add(r.uid, r.prompt, r.tagged, r.scores, (img, r.ext), maps[0], maps[1])
+                        writer.add(r.uid, r.prompt, r.tagged, r.scores, (img, r.ext), maps[0], maps[1],
+                                   prompt_raw=r.prompt_raw)
                     bar.update(len(chunk))
                 bar.close()
             _remove_stale(out / sp.name, kept)
             report_splits[sp.name] = _split_report(sp)
+            if tokenizer is not None:
+                from .validate import entry_token_lengths
+
+                limits = token_limits or (None, None)
+                entries = [{"prompt": r.prompt, "prompt_raw": r.prompt_raw, "tagged_prompt": r.tagged} for r in kept]
+                report_splits[sp.name]["token_lengths"] = {
+                    "tokenizer": tokenizer_name, "encoder_prompt": encoder_prompt,
+                    **entry_token_lengths(entries, tokenizer, limits[0], limits[1], encoder_prompt)}
         write_dataset_info(out, source="richhf-18k", converter="rahf data convert-richhf",
                            splits={s: report_splits[s]["kept"] for s in report_splits},
                            heatmap_size=heatmap_size)
@@ -863,4 +891,9 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"  {len(r['found_outside_expected_shards'])} image(s) found outside the expected shards")
         if r["clipped_scores"]:
             lines.append(f"  {len(r['clipped_scores'])} record(s) had scores clipped to [0, 1]")
+        tl = r.get("token_lengths")
+        if tl:
+            lines.append(f"  token lengths in {tl['tokenizer']!r} (the encoder reads the "
+                         f"{'prompt as written' if tl['encoder_prompt'] == 'original' else 'clean prompt'}):")
+            lines += [f"    {format_summary(kind, tl[kind])}" for kind in ("prompt", "target")]
     return lines

@@ -1,4 +1,10 @@
-"""Torch loading: a Dataset that prepares images and maps, and a collator that tokenizes once per batch."""
+"""Torch loading: a Dataset that prepares images and maps, and a collator that tokenizes once per batch.
+
+Token limits are never silent: :class:`RAHFCollator` cuts a prompt longer than ``max_prompt_tokens``
+and a tagged prompt (the decoder target) longer than ``max_target_tokens``, and marks each cut in the
+batch (``prompt_truncated`` / ``target_truncated``), where the training loop and the evaluation count
+them; :meth:`RAHFCollator.truncation` counts them for a whole split ahead of time.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .format import BAD_RECORD_POLICIES, MAP_NAMES, SCORE_NAMES, DataError, Example
+from .format import BAD_RECORD_POLICIES, ENCODER_PROMPTS, MAP_NAMES, SCORE_NAMES, DataError, Example, encoder_prompt
+from .tokens import length_summary, token_counts
 
 
 def resize_map(m, size: Optional[int]) -> torch.Tensor:
@@ -70,6 +77,7 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
             "index": index,
             "uid": ex.uid,
             "prompt": ex.prompt,
+            "prompt_raw": ex.prompt_raw,
             "tagged_prompt": ex.tagged_prompt,
             "pixel_values": image_to_tensor(ex.image, self.image_size, self.mean, self.std),
             "scores": torch.tensor([ex.scores[s] for s in SCORE_NAMES], dtype=torch.float32),
@@ -94,14 +102,26 @@ class RAHFCollator:
     with -100) once per batch. For the augmented-prompt variant it adds the tokenized task prefixes
     ``task_ids``/``task_mask`` (T, Lp), computed once at construction.
 
+    ``encoder_prompt``: what the encoder reads (:data:`rahf.data.format.ENCODER_PROMPTS`): ``"clean"``
+    the prompt's words, ``"original"`` the caption as written where the record keeps it
+    (``prompt_raw``). The batch's ``prompts`` stay the clean words either way (constrained decoding
+    and the labels are aligned to them).
+
+    Texts over the token limits are cut (the end dropped, ``</s>`` kept) and marked: the batch's
+    ``prompt_truncated`` / ``target_truncated`` are (B,) bool tensors.
+
     Heatmaps of one size are stacked to (B, H, W); maps kept at different stored sizes (evaluation
     on a dataset whose maps differ in size) stay a list of (H_i, W_i) tensors, in batch order."""
 
     def __init__(self, tokenizer, max_prompt_tokens: int = 64, max_target_tokens: int = 96,
-                 task_prompts: Optional[dict] = None, tasks: Optional[Sequence[str]] = None):
+                 task_prompts: Optional[dict] = None, tasks: Optional[Sequence[str]] = None,
+                 encoder_prompt: str = "clean"):
+        if encoder_prompt not in ENCODER_PROMPTS:
+            raise ValueError(f"encoder_prompt must be one of {ENCODER_PROMPTS}, got {encoder_prompt!r}")
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.max_target_tokens = max_target_tokens
+        self.encoder_prompt = encoder_prompt
         self.task_ids = self.task_mask = None
         from ..schema import TAG
 
@@ -119,15 +139,45 @@ class RAHFCollator:
         from ..schema import TASKS
 
         return cls(model.tokenizer, cfg.text.max_prompt_tokens, cfg.text.max_target_tokens,
-                   task_prompts=cfg.task_prompts if aug else None, tasks=TASKS if aug else None)
+                   task_prompts=cfg.task_prompts if aug else None, tasks=TASKS if aug else None,
+                   encoder_prompt=getattr(cfg.text, "encoder_prompt", "clean"))
 
-    def tokenize_prompts(self, prompts: list[str]) -> dict:
-        enc = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
-                             return_tensors="pt")
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    def encoder_texts(self, prompts: Sequence[str], originals: Optional[Sequence[Optional[str]]] = None) -> list[str]:
+        """What the encoder reads for clean ``prompts`` and their ``originals`` (captions as written;
+        None entries or no list: the clean prompt)."""
+        originals = list(originals) if originals is not None else [None] * len(prompts)
+        return [encoder_prompt(p, o, self.encoder_prompt) for p, o in zip(prompts, originals)]
+
+    def _encode(self, texts: list[str], limit: int) -> tuple[dict, torch.Tensor]:
+        """Tokenized, padded and cut at ``limit``; and (B,) bool: which texts were longer."""
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        cut = torch.tensor([n > limit for n in token_counts(self.tokenizer, texts)], dtype=torch.bool)
+        return enc, cut
+
+    def tokenize_prompts(self, prompts: list[str], originals: Optional[Sequence[Optional[str]]] = None) -> dict:
+        """The encoder's inputs for clean ``prompts`` (see :meth:`encoder_texts` for ``originals``);
+        ``prompt_truncated``: (B,) bool, the prompts cut at ``max_prompt_tokens``."""
+        enc, cut = self._encode(self.encoder_texts(prompts, originals), self.max_prompt_tokens)
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "prompt_truncated": cut}
         if self.task_ids is not None:
             out["task_ids"], out["task_mask"] = self.task_ids, self.task_mask
         return out
+
+    def truncation(self, prompts: Sequence[str], tagged_prompts: Sequence[str],
+                   originals: Optional[Sequence[Optional[str]]] = None) -> dict:
+        """Token lengths of a split's encoder prompts and targets against this collator's limits:
+        ``{"prompt": summary, "target": summary}`` (:func:`rahf.data.tokens.length_summary`, whose
+        ``over_limit`` counts the texts the collator cuts)."""
+        return {"prompt": length_summary(token_counts(self.tokenizer, self.encoder_texts(prompts, originals)),
+                                         self.max_prompt_tokens),
+                "target": length_summary(token_counts(self.tokenizer, tagged_prompts), self.max_target_tokens)}
+
+    def split_truncation(self, split) -> dict:
+        """:meth:`truncation` of every record of a split (:class:`rahf.data.format.RAHFDatasetSplit`),
+        read from its manifest (no image is loaded)."""
+        entries = split.entries
+        return self.truncation([e["prompt"] for e in entries], [e["tagged_prompt"] for e in entries],
+                               [e.get("prompt_raw") for e in entries])
 
     def __call__(self, items: list[dict]) -> dict:
         """A batch of the good items. Skip markers (see :class:`RAHFTorchDataset`) are dropped and listed
@@ -147,9 +197,8 @@ class RAHFCollator:
         batch["uids"] = [it["uid"] for it in items]
         batch["prompts"] = [it["prompt"] for it in items]
         batch["tagged_prompts"] = [it["tagged_prompt"] for it in items]
-        batch.update(self.tokenize_prompts(batch["prompts"]))
-        tgt = self.tokenizer(batch["tagged_prompts"], padding=True, truncation=True,
-                             max_length=self.max_target_tokens, return_tensors="pt")
+        batch.update(self.tokenize_prompts(batch["prompts"], [it.get("prompt_raw") for it in items]))
+        tgt, batch["target_truncated"] = self._encode(batch["tagged_prompts"], self.max_target_tokens)
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
         batch["labels"] = labels
         batch["tag_token_id"] = self.tag_token_id

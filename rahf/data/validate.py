@@ -9,6 +9,10 @@ scores in [0, 1], tags matching the prompt), uids are unique, and
 :func:`~rahf.schema.load_image`, each heatmap by :func:`~rahf.schema.load_map`, both heatmaps of one
 size and of ``dataset.json``'s ``heatmap_size`` when declared). So a dataset that passes loads, and a
 record that fails to load is listed here.
+
+:func:`token_lengths` measures what the records cost a model's tokenizer: the length distribution of
+the encoder's prompts and of the decoder's targets (tagged prompts, ``_0`` included) per split, and
+how many are over the model's token limits (the collator cuts those: :mod:`rahf.data.tokens`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .format import (FILE_FIELDS, MANIFEST, SPLITS, DataError, check_entry, declared_heatmap_size, iter_manifest,
-                     load_record_files)
+from .format import (FILE_FIELDS, MANIFEST, SPLITS, DataError, check_entry, declared_heatmap_size, encoder_prompt,
+                     iter_manifest, load_record_files)
+from .tokens import length_summary, token_counts
 
 
 @dataclass
@@ -117,3 +122,33 @@ def validate_dataset(root: str | os.PathLike, splits: list[str] | None = None) -
             continue
         _validate_split(root, split, report, heatmap_size)
     return report
+
+
+def entry_token_lengths(entries, tokenizer, max_prompt_tokens: Optional[int] = None,
+                        max_target_tokens: Optional[int] = None, encoder: str = "clean") -> dict:
+    """``{"prompt": summary, "target": summary}`` (:func:`rahf.data.tokens.length_summary`) of manifest
+    entries (dicts with ``prompt``, ``tagged_prompt`` and optionally ``prompt_raw``; others are left
+    out): ``prompt`` is what the encoder reads (``encoder``: ``clean`` or ``original``, see
+    :func:`rahf.data.format.encoder_prompt`), ``target`` the tagged prompt; ``over_limit`` counts
+    those longer than the limits."""
+    ok = [e for e in entries if isinstance(e, dict) and isinstance(e.get("prompt"), str)
+          and isinstance(e.get("tagged_prompt"), str)]
+    prompts = [encoder_prompt(e["prompt"], e.get("prompt_raw") if isinstance(e.get("prompt_raw"), str) else None,
+                              encoder) for e in ok]
+    return {"prompt": length_summary(token_counts(tokenizer, prompts), max_prompt_tokens),
+            "target": length_summary(token_counts(tokenizer, [e["tagged_prompt"] for e in ok]), max_target_tokens)}
+
+
+def token_lengths(root: str | os.PathLike, tokenizer, splits: list[str] | None = None, *,
+                  max_prompt_tokens: Optional[int] = None, max_target_tokens: Optional[int] = None,
+                  encoder: str = "clean") -> dict[str, dict]:
+    """Per split (default: every split present): :func:`entry_token_lengths` of its manifest's records
+    (lines that do not parse are left out; :func:`validate_dataset` lists them)."""
+    root = Path(root)
+    out = {}
+    for split in splits or present_splits(root):
+        if not (root / split / MANIFEST).is_file():
+            continue
+        entries = [e for _, e in iter_manifest(root / split, [])]
+        out[split] = entry_token_lengths(entries, tokenizer, max_prompt_tokens, max_target_tokens, encoder)
+    return out

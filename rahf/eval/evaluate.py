@@ -44,6 +44,9 @@ __all__ = ["HEATMAP_METRIC_SIZE", "SUMMARY_KEYS", "Evaluation", "Examples", "run
            "map_metric_values", "summary_metric", "also_key", "measurement", "metrics_document", "read_metrics",
            "write_metrics", "model_inputs", "DEFAULT_DECODE", "other_decode"]
 
+#: The collator's per-example flags of texts cut at the model's token limits, counted as
+#: ``count/truncated_prompts`` and ``count/truncated_targets``.
+TRUNCATION_KEYS = ("prompt_truncated", "target_truncated")
 #: How heatmap metrics are measured (recorded as ``measured["heatmap_metric_size"]``).
 HEATMAP_METRIC_SIZE = "stored ground-truth size (predictions resized bilinearly)"
 #: The metrics averaged by :func:`summary_metric` (the default keep-best metric ``summary/mean``).
@@ -231,6 +234,7 @@ def run_evaluation(model, loader, gather: Optional[Callable] = None, decode: Opt
     loss_sums: dict[str, float] = {}
     n_loss = 0
     sizes: set[tuple[int, int]] = set()
+    cut: dict[str, int] = {}  # texts the collator cut at the model's token limits
     try:
         for bi, batch in enumerate(tqdm(loader, desc="eval", disable=not progress, leave=False)):
             if max_batches is not None and bi >= max_batches:
@@ -245,6 +249,7 @@ def run_evaluation(model, loader, gather: Optional[Callable] = None, decode: Opt
                     loss_sums[k] = loss_sums.get(k, 0.0) + float(v.detach())
                 n_loss += 1
             per = {"scores_pred": pred.scores, "scores_true": batch["scores"].float().to(device)}
+            per.update({k: batch[k].to(device).long() for k in TRUNCATION_KEYS if k in batch})
             if heatmaps:
                 for m in MAP_NAMES:
                     for k, v in map_metric_values(pred.heatmaps[m], batch[f"{m}_map"]).items():
@@ -256,6 +261,9 @@ def run_evaluation(model, loader, gather: Optional[Callable] = None, decode: Opt
                 if keep_maps and heatmaps:
                     per.update({f"pred/{m}": pred.heatmaps[m] for m in MAP_NAMES})
             per = gather(per)
+            for k in TRUNCATION_KEYS:
+                if k in per:
+                    cut[k] = cut.get(k, 0) + int(per[k].sum())
             acc.update(pred_scores=per["scores_pred"], true_scores=per["scores_true"])
             if heatmaps:
                 for m in MAP_NAMES:
@@ -282,6 +290,8 @@ def run_evaluation(model, loader, gather: Optional[Callable] = None, decode: Opt
                             if k.startswith("keyword")})
     for k, v in loss_sums.items():
         metrics[f"loss/{k}"] = v / n_loss
+    for k, n in cut.items():  # count/truncated_prompts, count/truncated_targets
+        metrics[f"count/truncated_{k.split('_')[0]}s"] = float(n)
     metrics["summary/mean"] = summary_metric(metrics)
     if math.isnan(metrics["summary/mean"]):
         unavailable["summary/mean"] = "none of its metrics is available"

@@ -79,15 +79,15 @@ def to_pil(image: ImageLike) -> Image.Image:
     raise TypeError(f"unsupported image type {type(image).__name__}; give a PIL image, a path or a numpy array")
 
 
-def _prompts_for(prompts: Union[str, Sequence[str]], n: int) -> list[str]:
+def _prompts_for(prompts: Union[str, Sequence[str]], n: int, clean: bool = True) -> list[str]:
     if isinstance(prompts, str):
-        return [clean_prompt(prompts)] * n
+        return [clean_prompt(prompts) if clean else prompts] * n
     prompts = list(prompts)
     if len(prompts) == 1 and n != 1:
         prompts = prompts * n
     if len(prompts) != n:
         raise ValueError(f"{n} images but {len(prompts)} prompts (give one prompt, or one per image)")
-    return [clean_prompt(p) for p in prompts]
+    return [clean_prompt(p) for p in prompts] if clean else prompts
 
 
 def _batches(n: int, size: int) -> Iterable[slice]:
@@ -131,18 +131,21 @@ class RAHFScorer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict:
+    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                originals: Optional[Sequence[str]] = None) -> dict:
         """Model inputs for PIL images and clean prompts (the evaluation path's preprocessing); the
-        batch also carries the ``prompts`` (for constrained decoding)."""
+        batch also carries the ``prompts`` (for constrained decoding). ``originals``: the prompts as
+        written, which the encoder reads instead when the model's ``text.encoder_prompt`` is ``original``."""
         v = self.config.vision
         pixels = torch.stack([image_to_tensor(im, v.img_size, v.mean, v.std) for im in images])
-        batch = {"pixel_values": pixels, **self.collator.tokenize_prompts(list(prompts))}
+        batch = {"pixel_values": pixels, **self.collator.tokenize_prompts(list(prompts), originals)}
         return {**{k: t.to(self.device) for k, t in batch.items()}, "prompts": list(prompts)}
 
     def predict(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                decode: Optional[str] = DEFAULT_DECODE) -> Predictions:
-        """:func:`rahf.eval.predict.predict_batch` for one batch of PIL images and clean prompts."""
-        return predict_batch(self.model, self.prepare(images, prompts), decode=decode,
+                decode: Optional[str] = DEFAULT_DECODE, originals: Optional[Sequence[str]] = None) -> Predictions:
+        """:func:`rahf.eval.predict.predict_batch` for one batch of PIL images and clean prompts
+        (``originals``: see :meth:`prepare`)."""
+        return predict_batch(self.model, self.prepare(images, prompts, originals), decode=decode,
                              autocast=self._autocast if self.dtype is not None else None)
 
     def forward(self, images: Sequence[Image.Image], prompts: Sequence[str]):
@@ -165,6 +168,7 @@ class RAHFScorer:
         if single:
             images = [images]
         images = list(images)
+        originals = _prompts_for(prompts, len(images), clean=False)
         prompts = _prompts_for(prompts, len(images))
         results: list[ScoreResult] = []
         from tqdm.auto import tqdm
@@ -173,7 +177,7 @@ class RAHFScorer:
         for sl in tqdm(list(_batches(len(images), batch_size)), desc="score", disable=not progress or n_batches < 2):
             pil = [to_pil(im) for im in images[sl]]
             ps = prompts[sl]
-            pred = self.predict(pil, ps, decode=decode)
+            pred = self.predict(pil, ps, decode=decode, originals=originals[sl])
             tagged = pred.tagged or [None] * len(ps)
             scores = pred.scores.cpu().numpy()
             maps = pred.heatmaps

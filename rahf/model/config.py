@@ -43,7 +43,10 @@ class VisionConfig:
     drop_path_rate: float = 0.0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    pretrained: Optional[str] = None  # local .safetensors file/dir, or a timm/hub name; loaded only when asked
+    # local .safetensors file/dir, a timm name or hf-hub:org/name (rahf.model.pretrained); its mean/std replace
+    # the two above when the model is built from it
+    pretrained: Optional[str] = None
+    allow_resize: bool = False  # pretrained weights of another img_size/patch_size: resample them (else an error)
 
 
 @dataclass
@@ -60,9 +63,20 @@ class TextConfig:
     feed_forward_proj: str = "relu"
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
     tokenizer: str = "words"  # "words" (built in, no file), "byt5" (no file), or a T5 tokenizer dir / hub name
-    pretrained: Optional[str] = None  # local T5 dir or hub name; loaded only when asked
+    # local T5 dir or Hub name (rahf.model.pretrained); its config.json's values replace the architecture
+    # fields (vocab_size, sizes, feed_forward_proj, dropout_rate, the four below) when the model is built from it
+    pretrained: Optional[str] = None
     max_prompt_tokens: int = 40
     max_target_tokens: int = 48
+    # what the encoder reads: "clean" (the prompt's words) or "original" (the caption as written, where
+    # the dataset keeps it: rahf.data.format); the decoder's target is the clean words either way
+    encoder_prompt: Literal["clean", "original"] = "clean"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    # true: T5 v1.0 (lm_head = the shared embedding, decoder output scaled by d_model**-0.5); false: T5 v1.1 /
+    # Flan-T5 (an lm_head of its own, no scaling)
+    tie_word_embeddings: bool = True
 
 
 @dataclass
@@ -179,6 +193,9 @@ class RAHFConfig:
     score_head: ScoreHeadConfig = field(default_factory=ScoreHeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     task_prompts: dict = field(default_factory=_task_prompts)  # per task (TASKS order): the encoder's text
+    # training a non-tiny preset without both pretrained encoders is refused unless this is set
+    # (rahf.model.pretrained.check_random_init); loading a trained checkpoint never checks it
+    allow_random_init: bool = False
 
     def __post_init__(self):
         found = head_style_of(self.heatmap_head, self.score_head)

@@ -1,33 +1,38 @@
 """Constrained decoding of the tagged prompt: the output is always the prompt's own words, in order.
 
 Free generation (``RAHF.generate_tagged``) may drop, repeat or invent words. Here the decoder only
-decides, per prompt word, whether to append the misalignment tag ``_0``.
+decides, per prompt word, whether to append the misalignment tag ``_0`` — and, as in training, it
+reads its own earlier decisions: the prefix it continues from is the tagged prompt decided so far
+(``a red_0 car_0 ...``), so runs of misaligned words are judged the way the decoder learned them.
 
-Method (one teacher-forced decoder pass, no autoregressive loop):
+Method (greedy over the two continuations of each word, one decoder step per output token):
 
-1. Each word ``w_i`` is tokenized twice, as its *plain* segment ``(" " if i else "") + w_i`` and
-   as its *tagged* segment (the same + ``_0``), without special tokens. The untagged token
-   sequence ``plain_1 + plain_2 + ... + plain_n + </s>`` is fed once through the T5 decoder
-   (teacher forcing, batched over the batch), giving next-token logits at every position.
-2. For word i the two branches are "tagged" (``tagged_i``) and "continue" (``plain_i`` followed
-   by the first token of the next word, or ``</s>`` after the last word). At their first
-   differing token position ``c`` the decoder's logits are compared: the word is tagged iff
-   ``logit(tagged_i[c]) - logit(continue[c]) > margin`` (equivalently the log-probability,
-   since both are read from the same softmax). For the built-in ``words`` tokenizer ``_0`` is
-   one token and the position is the word boundary; for sentencepiece T5 the tag is several
-   pieces (e.g. ``▁yellow _ 0``) and the branches are judged by their first differing piece
-   (the rest of a started tag is near-deterministic for a trained model); if the tagged word
-   tokenizes differently from plain word + suffix, the divergence point is found generally.
-3. The tagged prompt is rebuilt from the words themselves: ``" ".join(w + "_0" if tagged else w)``.
+1. Each word ``w_i`` is tokenized twice, as its *plain* segment ``(" " if i else "") + w_i`` and as
+   its *tagged* segment (the same + ``_0``), without special tokens.
+2. For word i the two branches are "tagged" (``tagged_i``) and "continue" (``plain_i`` followed by
+   the first token of the next word, or ``</s>`` after the last word). Their shared first tokens are
+   fed; at the first differing token position ``c`` the decoder's logits are compared: the word is
+   tagged iff ``logit(tagged_i[c]) - logit(continue[c]) > margin`` (equivalently the log-probability,
+   since both are read from the same softmax). For the built-in ``words`` tokenizer ``_0`` is one
+   token and the position is the word boundary; for sentencepiece T5 the tag is several pieces (e.g.
+   ``▁yellow _ 0``) and the branches are judged by their first differing piece (the rest of a
+   started tag is near-deterministic for a trained model); if the tagged word tokenizes differently
+   from plain word + suffix, the divergence point is found generally. A word whose two branches do
+   not diverge (e.g. a word that is itself ``_0``) is never tagged.
+3. The chosen branch's remaining tokens are fed (the whole ``_0`` when tagged), and the next word is
+   decided after them.
+4. The tagged prompt is rebuilt from the words themselves: ``" ".join(w + "_0" if tagged else w)``.
 
-Approximation: the decoder's context at word i is the *untagged* prefix (earlier tags are not
-fed back). This keeps it to a single parallel pass (much faster than greedy generation, which
-needs one decoder step per output token); a model trained on tagged targets sees a context that
-differs from training only by the absence of earlier ``_0`` tokens.
+The decoder runs one token per step for the whole batch with its key/value cache (T5's
+``past_key_values``), so each step costs one token's attention over the cached prefix; every
+sequence advances one token per step (no padding inside a sequence, so a prompt gets the same
+decisions alone as in a batch), and the loop stops at the batch's last decision. The cost is that of
+greedy generation of the tagged prompt, without its length risk (the output has the prompt's words).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -57,6 +62,62 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _cache_name(t5) -> str:
+    """The name of T5's key/value cache, as a forward argument and an output field: ``cache``
+    (transformers 5) or ``past_key_values`` (earlier)."""
+    return "cache" if "cache" in inspect.signature(type(t5).forward).parameters else "past_key_values"
+
+
+class _Prompt:
+    """One prompt's decoding state: the target tokens decided so far and the next decision.
+
+    ``target`` holds the tokens the decoder will be fed (without the start token); ``probe`` is the
+    pending decision ``(position, tag token, continue token, c)``: the logits predicting target
+    position ``position`` decide word ``i``, whose two branches share their first ``c`` tokens (already
+    in ``target``). ``probe`` is None once every word is decided."""
+
+    def __init__(self, segments: list[tuple[list[int], list[int]]], eos: int):
+        self.segments, self.eos = segments, eos
+        n = len(segments)
+        self.flags, self.margins = [False] * n, [float("-inf")] * n
+        self.target: list[int] = []
+        self.i = 0
+        self.probe: Optional[tuple[int, int, int, int]] = None
+        self._advance()
+
+    def _next_first(self, i: int) -> int:
+        """The first token after word i in the untagged continuation: the next word's, or eos."""
+        for plain, _ in self.segments[i + 1:]:
+            if plain:
+                return plain[0]
+        return self.eos
+
+    def _advance(self) -> None:
+        """Move to the next word that needs a decision, feeding what precedes it."""
+        while self.i < len(self.segments):
+            plain, tagged = self.segments[self.i]
+            cont = plain + [self._next_first(self.i)]
+            c = _common_prefix(cont, tagged)
+            if c < len(tagged) and c < len(cont):
+                self.target += tagged[:c]
+                self.probe = (len(self.target), tagged[c], cont[c], c)
+                return
+            self.target += plain  # the branches do not diverge: never tagged
+            self.i += 1
+        self.target.append(self.eos)
+        self.probe = None
+
+    def decide(self, diff: float, margin: float) -> None:
+        """Word i's logit difference tag − continue: tag it iff above ``margin``, feed the chosen branch."""
+        plain, tagged = self.segments[self.i]
+        c = self.probe[3]
+        tag = diff > margin
+        self.flags[self.i], self.margins[self.i] = tag, diff
+        self.target += tagged[c:] if tag else plain[c:]
+        self.i += 1
+        self._advance()
+
+
 @torch.no_grad()
 def constrained_tag_flags(model, out, prompts: Sequence[str], margin: float = 0.0,
                           return_margins: bool = False):
@@ -64,7 +125,8 @@ def constrained_tag_flags(model, out, prompts: Sequence[str], margin: float = 0.
 
     ``out`` is the model's forward output for the same batch (its ``encoder_hidden``/``encoder_mask``
     are the keyword task's encoder states). Returns a list of ``(words, flags)`` (and, with
-    ``return_margins``, per-word logit differences tag − continue).
+    ``return_margins``, per-word logit differences tag − continue; ``-inf`` for a word never tagged
+    because its branches do not diverge).
     """
     tok = model.tokenizer
     eos = tok.eos_token_id if tok.eos_token_id is not None else 1
@@ -74,61 +136,40 @@ def constrained_tag_flags(model, out, prompts: Sequence[str], margin: float = 0.
     B = len(words_b)
     if out.encoder_hidden.shape[0] != B:
         raise ValueError(f"{B} prompts but encoder states for {out.encoder_hidden.shape[0]} examples")
+    rows = [_Prompt(word_segments(tok, words), eos) for words in words_b]
 
-    seqs: list[list[int]] = []  # untagged target tokens (without start, with eos)
-    probes: list[list[tuple[int, int, int]]] = []  # per word: (position, tagged token, continue token)
-    for words in words_b:
-        segs = word_segments(tok, words)
-        ids: list[int] = []
-        bounds = []
-        for plain, _ in segs:
-            bounds.append(len(ids))
-            ids.extend(plain)
-        ids.append(eos)
-        pw = []
-        for i, (plain, tagged) in enumerate(segs):
-            s = bounds[i]
-            cont = ids[s:s + len(plain) + 1]  # plain word + the next token (next word's first, or eos)
-            c = _common_prefix(cont, tagged)
-            if c >= len(tagged) or c >= len(cont):  # degenerate (e.g. a word that is itself "_0"): never tag
-                pw.append((-1, 0, 0))
-                continue
-            # the logits predicting target position s + c come from decoder input position s + c
-            pw.append((s + c, tagged[c], cont[c]))
-        seqs.append(ids)
-        probes.append(pw)
-
-    result_flags: list[list[bool]] = [[False] * len(w) for w in words_b]
-    result_margins: list[list[float]] = [[float("-inf")] * len(w) for w in words_b]
-    if any(p[0] >= 0 for pw in probes for p in pw):
+    if any(r.probe is not None for r in rows):
         device = out.encoder_hidden.device
-        T = max(len(s) for s in seqs)
-        dec_in = torch.full((B, T), pad, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            dec_in[b, 0] = start
-            dec_in[b, 1:len(s)] = torch.tensor(s[:-1], dtype=torch.long)  # shifted right
-        dec_in = dec_in.to(device)
         enc = out.encoder_hidden
         wdtype = model.t5.lm_head.weight.dtype
         if not torch.is_autocast_enabled(device.type) and enc.dtype != wdtype:
             enc = enc.to(wdtype)
-        logits = model.t5(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=out.encoder_mask,
-                          decoder_input_ids=dec_in).logits  # (B, T, V)
-        bi, pos, t_tag, t_cont, slots = [], [], [], [], []
-        for b, pw in enumerate(probes):
-            for i, (p, a, c) in enumerate(pw):
-                if p >= 0:
-                    bi.append(b), pos.append(p), t_tag.append(a), t_cont.append(c), slots.append((b, i))
-        bi_t = torch.tensor(bi, device=device)
-        pos_t = torch.tensor(pos, device=device)
-        lg = logits[bi_t, pos_t].float()  # (K, V)
-        diff = (lg.gather(1, torch.tensor(t_tag, device=device)[:, None])
-                - lg.gather(1, torch.tensor(t_cont, device=device)[:, None]))[:, 0].cpu().tolist()
-        for (b, i), d in zip(slots, diff):
-            result_margins[b][i] = float(d)
-            result_flags[b][i] = d > margin
-    res = list(zip(words_b, result_flags))
-    return (res, result_margins) if return_margins else res
+        encoder_outputs = BaseModelOutput(last_hidden_state=enc)
+        feed = torch.full((B, 1), start, dtype=torch.long, device=device)
+        cache_name, past = _cache_name(model.t5), None
+        step = 0  # the decoder input position being fed; its logits predict target position `step`
+        while any(r.probe is not None for r in rows):
+            res = model.t5(encoder_outputs=encoder_outputs, attention_mask=out.encoder_mask, decoder_input_ids=feed,
+                           use_cache=True, **{cache_name: past})
+            past = getattr(res, cache_name)
+            due = [b for b, r in enumerate(rows) if r.probe is not None and r.probe[0] == step]
+            if due:
+                lg = res.logits[:, -1].float()
+                tags = torch.tensor([rows[b].probe[1] for b in due], device=device)
+                conts = torch.tensor([rows[b].probe[2] for b in due], device=device)
+                idx = torch.tensor(due, device=device)
+                diffs = (lg[idx, tags] - lg[idx, conts]).cpu().tolist()
+                for b, d in zip(due, diffs):
+                    rows[b].decide(d, margin)
+                    # a next word whose branches differ at its first token is decided by the same logits
+                    while rows[b].probe is not None and rows[b].probe[0] == step:
+                        p = rows[b].probe
+                        rows[b].decide(float(lg[b, p[1]] - lg[b, p[2]]), margin)
+            feed = torch.tensor([[r.target[step] if step < len(r.target) else pad] for r in rows],
+                                dtype=torch.long, device=device)
+            step += 1
+    res_ = [(words, r.flags) for words, r in zip(words_b, rows)]
+    return (res_, [r.margins for r in rows]) if return_margins else res_
 
 
 def constrained_tagging(model, out, prompts: Sequence[str], margin: float = 0.0) -> list[str]:

@@ -57,8 +57,11 @@ class RAHF(nn.Module):
         self.t5 = T5ForConditionalGeneration(T5Config(
             vocab_size=vocab, d_model=t.d_model, d_kv=t.d_kv, d_ff=t.d_ff, num_layers=t.num_layers,
             num_decoder_layers=t.num_decoder_layers, num_heads=t.num_heads, dropout_rate=t.dropout_rate,
-            feed_forward_proj=t.feed_forward_proj, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-            tie_word_embeddings=True))
+            feed_forward_proj=t.feed_forward_proj, relative_attention_num_buckets=t.relative_attention_num_buckets,
+            relative_attention_max_distance=t.relative_attention_max_distance, layer_norm_epsilon=t.layer_norm_epsilon,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=t.tie_word_embeddings))
+        if not t.tie_word_embeddings and self.t5.lm_head.weight is self.t5.shared.weight:
+            _untie_lm_head(self.t5)
         self.projection = nn.Linear(self.vision.num_features, t.d_model)
         d = t.d_model
         if config.variant == "multi_head":
@@ -185,34 +188,59 @@ class RAHF(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ pretrained encoders
-    def load_pretrained_encoders(self, vision: Optional[str] = None, text: Optional[str] = None) -> None:
-        """Load public ViT / T5 weights (explicit step; the constructor never does I/O).
+    @classmethod
+    def from_pretrained_encoders(cls, config: RAHFConfig, tokenizer=None) -> "RAHF":
+        """The model to train: built with the T5 architecture of ``config.text.pretrained`` and the image
+        mean/std of ``config.vision.pretrained`` (each value that differs from ``config`` is logged; the
+        model's ``config`` records them), then both loaded in full (:mod:`rahf.model.pretrained`). Without
+        pretrained encoders in ``config``: ``RAHF(config)``."""
+        from .pretrained import log, resolve_pretrained
 
-        ``vision``: a local ``.safetensors`` file (or a directory holding ``model.safetensors``) of a timm
-        ViT, or a timm/hub name (online). ``text``: a local T5 directory or hub name. Default: the config's.
+        config, changes = resolve_pretrained(config)
+        model = cls(config, tokenizer=tokenizer)
+        if config.vision.pretrained or config.text.pretrained:
+            model.load_pretrained_encoders()
+        for line in changes:
+            log.warning("%s", line)
+        if config.text.pretrained and config.text.tokenizer == "words":
+            log.warning("model.text.tokenizer='words' with a pretrained T5: its embeddings were learnt for its own "
+                        "tokenizer's ids; set model.text.tokenizer to the checkpoint (e.g. the same directory)")
+        return model
+
+    def load_pretrained_encoders(self, vision: Optional[str] = None, text: Optional[str] = None) -> None:
+        """Load public ViT / T5 weights into this model, every tensor or none (the constructor never does I/O).
+
+        ``vision``, ``text``: as ``model.vision.pretrained`` / ``model.text.pretrained`` (default: the config's;
+        given ones are recorded there). The model must already have the T5 checkpoint's architecture (build it
+        with :meth:`from_pretrained_encoders`); the ViT's mean/std are recorded in ``config.vision``. Both are
+        checked before either is loaded: on :class:`~rahf.model.pretrained.PretrainedMismatchError` (naming
+        what does not fit) the model is unchanged.
         """
-        vision = vision or self.config.vision.pretrained
-        text = text or self.config.text.pretrained
-        v = self.config.vision
-        if vision:
-            kw = {k: getattr(v, k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio") if getattr(v, k) is not None}
-            p = Path(vision)
-            if p.exists():
-                f = p / "model.safetensors" if p.is_dir() else p
-                src = timm.create_model(v.arch, pretrained=True, pretrained_cfg_overlay={"file": str(f)},
-                                        img_size=v.img_size, patch_size=v.patch_size, num_classes=0, global_pool="", **kw)
-            else:
-                src = timm.create_model(vision, pretrained=True, img_size=v.img_size, num_classes=0, global_pool="", **kw)
-            missing, unexpected = self.vision.load_state_dict(src.state_dict(), strict=False)
-            if missing:
-                raise ValueError(f"pretrained ViT {vision!r} lacks {len(missing)} weights, e.g. {missing[:3]}")
+        from .pretrained import (PretrainedMismatchError, model_text_settings, t5_config, t5_state_dict,
+                                 text_settings, vision_source, vit_state_dict)
+
+        v, t = self.config.vision, self.config.text
+        text = text or t.pretrained
+        source = vision_source(vision or v.pretrained, v.arch) if (vision or v.pretrained) else None
         if text:
-            src = T5ForConditionalGeneration.from_pretrained(text, use_safetensors=True)
-            sd = src.state_dict()
-            if sd["shared.weight"].shape != self.t5.shared.weight.shape:
-                raise ValueError(f"pretrained T5 {text!r} has vocabulary {tuple(sd['shared.weight'].shape)}, the model "
-                                 f"{tuple(self.t5.shared.weight.shape)}: use its tokenizer (model.text.tokenizer)")
-            self.t5.load_state_dict(sd, strict=False)
+            want, have = text_settings(t5_config(text)), model_text_settings(self)
+            diff = [f"model.text.{k} (checkpoint {want[k]!r}, model {have[k]!r})" for k in want if want[k] != have[k]]
+            if diff:
+                raise PretrainedMismatchError(
+                    f"pretrained T5 {text!r} does not fit the model: {', '.join(diff)}; build the model with "
+                    f"RAHF.from_pretrained_encoders(config), which takes these from the checkpoint")
+            if len(self.tokenizer) > want["vocab_size"]:
+                raise PretrainedMismatchError(
+                    f"pretrained T5 {text!r} has a vocabulary of {want['vocab_size']}, fewer than the tokenizer's "
+                    f"{len(self.tokenizer)} (model.text.tokenizer={t.tokenizer!r}): use the checkpoint's tokenizer")
+        t5_sd = t5_state_dict(self.t5, text) if text else None
+        vit_sd = vit_state_dict(self.vision, source, allow_resize=v.allow_resize) if source is not None else None
+        if t5_sd is not None:
+            self.t5.load_state_dict(t5_sd, strict=True)
+            t.pretrained = text
+        if vit_sd is not None:
+            self.vision.load_state_dict(vit_sd, strict=True)
+            v.pretrained, v.mean, v.std = source.spec, source.mean, source.std
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path, metadata: Optional[dict] = None, *,
@@ -255,3 +283,12 @@ class RAHF(nn.Module):
         model = cls(config, tokenizer=tokenizer)
         load_model(model, str(d / "model.safetensors"), strict=True, device=str(device or "cpu"))
         return model.to(device) if device is not None else model
+
+
+def _untie_lm_head(t5: T5ForConditionalGeneration) -> None:
+    """Give ``t5`` an ``lm_head`` of its own (T5 v1.1 / Flan-T5). transformers >= 5 ties it to the shared
+    embedding whatever the config says (``tie_word_embeddings=False`` only turns off the output scaling)."""
+    t5.lm_head.weight = nn.Parameter(t5.shared.weight.detach().clone())
+    tied = getattr(t5, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):  # so that a later tie_weights() keeps it apart
+        tied.pop("lm_head.weight", None)

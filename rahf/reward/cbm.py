@@ -52,6 +52,12 @@ __all__ = [
     "synth_attributes",
     "TREES",
     "controlled_experiment",
+    "fit_probe",
+    "fit_mlp",
+    "paired_bootstrap",
+    "verdicts",
+    "format_interval_table",
+    "CAPACITIES",
     "format_curve_table",
     "plot_curves",
     "read_table",
@@ -480,17 +486,70 @@ TREES: dict[str, Tree] = {
 }
 
 
-def _stage1(F, attrs, idx, Fe, l2, folds: int = 0, rng=None):
-    """Per-attribute logistic classifiers on features, fitted on rows ``idx``: logits of the eval
-    rows ``Fe`` and, if ``folds`` > 1, out-of-fold logits of the ``idx`` rows (else None)."""
+# ----------------------------------------------------------------------------------------------
+# probes of selectable capacity (stage 1 and the coarse model)
+# ----------------------------------------------------------------------------------------------
+CAPACITIES = ("linear", "mlp")
+
+
+def fit_mlp(X, Y, hidden: int = 32, l2: float = 1e-2, seed: int = 0, max_iter: int = 300):
+    """A one-hidden-layer network (tanh, ``hidden`` units shared by every output) with a sigmoid
+    output per column of the 0/1 matrix ``Y`` (N, T), fitted by class-balanced log loss (per output)
+    plus ``l2/2 |W|^2`` with L-BFGS (scipy) and the exact gradient. Returns a function X -> logits (N, T)."""
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64).reshape(X.shape[0], -1)
+    n, d = X.shape
+    T = Y.shape[1]
+    S = np.stack([class_weights(Y[:, t]) for t in range(T)], 1) / n
+    rng = np.random.default_rng(seed)
+    shapes = [(d, hidden), (hidden,), (hidden, T), (T,)]
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    def unpack(theta):
+        out, i = [], 0
+        for s, k in zip(shapes, sizes):
+            out.append(theta[i:i + k].reshape(s))
+            i += k
+        return out
+
+    def f(theta):
+        W1, b1, W2, b2 = unpack(theta)
+        H = np.tanh(X @ W1 + b1)
+        Z = H @ W2 + b2
+        loss = float(np.sum(S * (np.logaddexp(0.0, Z) - Y * Z))) + 0.5 * l2 * (np.sum(W1 ** 2) + np.sum(W2 ** 2))
+        G = S * (expit(Z) - Y)
+        gW2 = H.T @ G + l2 * W2
+        GH = (G @ W2.T) * (1 - H ** 2)
+        gW1 = X.T @ GH + l2 * W1
+        return loss, np.concatenate([gW1.ravel(), GH.sum(0), gW2.ravel(), G.sum(0)])
+
+    theta0 = np.concatenate([rng.normal(0, 1 / math.sqrt(d), d * hidden), np.zeros(hidden),
+                             rng.normal(0, 1 / math.sqrt(hidden), hidden * T), np.zeros(T)])
+    res = minimize(f, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+    W1, b1, W2, b2 = unpack(res.x)
+    return lambda Xn: np.tanh(np.asarray(Xn, np.float64) @ W1 + b1) @ W2 + b2
+
+
+def fit_probe(X, Y, capacity: str = "linear", l2: float = 1.0, hidden: int = 32, seed: int = 0):
+    """Classifiers of every 0/1 column of ``Y`` from standardised ``X``: ``linear`` (one
+    class-balanced logistic regression per column) or ``mlp`` (:func:`fit_mlp`). The coarse model and
+    stage 1 use the same function, so their capacity is equal. Returns a function X -> logits (N, T)."""
+    Y = np.asarray(Y, dtype=np.float64).reshape(np.shape(X)[0], -1)
+    if capacity == "linear":
+        wb = [fit_logistic(X, Y[:, t], l2=l2) for t in range(Y.shape[1])]
+        W, b = np.stack([w for w, _ in wb], 1), np.array([c for _, c in wb])
+        return lambda Xn: np.asarray(Xn, np.float64) @ W + b
+    if capacity == "mlp":
+        return fit_mlp(X, Y, hidden=hidden, l2=l2, seed=seed)
+    raise ValueError(f"capacity must be one of {CAPACITIES}, got {capacity!r}")
+
+
+def _stage1(F, attrs, idx, Fe, l2, capacity="linear", hidden=32, folds: int = 0, rng=None):
+    """Stage 1 fitted on rows ``idx``: attribute logits of the eval rows ``Fe`` and, if ``folds`` > 1,
+    out-of-fold logits of the ``idx`` rows (else None)."""
     def fit_predict(tr, X_out):
         st = Standardizer.fit(F[tr])
-        Xi, Xo = st(F[tr]), st(X_out)
-        out = np.empty((X_out.shape[0], attrs.shape[1]))
-        for j in range(attrs.shape[1]):
-            w, b = fit_logistic(Xi, attrs[tr, j], l2=l2)
-            out[:, j] = Xo @ w + b
-        return out
+        return fit_probe(st(F[tr]), attrs[tr], capacity, l2, hidden)(st(X_out))
 
     ev = fit_predict(idx, Fe)
     if folds <= 1:
@@ -504,25 +563,80 @@ def _stage1(F, attrs, idx, Fe, l2, folds: int = 0, rng=None):
     return ev, oof
 
 
+def _auc_rows(S, y) -> np.ndarray:
+    """ROC-AUC of each row of scores ``S`` (R, n) against labels ``y`` (R, n) (Mann-Whitney, ties 1/2)."""
+    from scipy.stats import rankdata
+
+    r = rankdata(S, axis=1)
+    npos = y.sum(1)
+    nneg = y.shape[1] - npos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((r * y).sum(1) - npos * (npos + 1) / 2) / (npos * nneg)
+
+
+def paired_bootstrap(scores: Mapping[str, np.ndarray], y, reference: str = "coarse", replicates: int = 500,
+                     seed: int = 0, level: float = 0.95) -> dict:
+    """Intervals for models scored on the same eval rows over the same training draws.
+
+    ``scores``: {model: (D draws, n eval rows) scores}. Each replicate resamples the draws and the
+    eval rows (with replacement, the same resample for every model: a paired bootstrap) and takes
+    each model's mean ROC-AUC over the resampled draws. Returns ``{"models": {m: {"mean", "lo",
+    "hi"}}, "diff": {m: {"mean", "lo", "hi"}}}`` where diff is model minus ``reference``; ``mean``
+    is the estimate on the data as drawn, lo/hi the percentile interval at ``level``."""
+    y = np.asarray(y).astype(int)
+    rng = np.random.default_rng(seed)
+    D, n = next(iter(scores.values())).shape
+    rows = rng.integers(0, n, (replicates, n))
+    draws = rng.integers(0, D, (replicates, D))
+    Y = y[rows]
+    boot, point = {}, {}
+    for m, S in scores.items():
+        S = np.asarray(S, dtype=np.float64)
+        per = np.stack([_auc_rows(S[d][rows], Y) for d in range(D)], 1)  # (R, D)
+        boot[m] = np.take_along_axis(per, draws, 1).mean(1)
+        point[m] = float(np.mean([roc_auc(S[d], y) for d in range(D)]))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+
+    def iv(est, b):
+        lo, hi = np.nanpercentile(b, q)
+        return {"mean": est, "lo": float(lo), "hi": float(hi)}
+
+    out = {"models": {m: iv(point[m], boot[m]) for m in scores}, "diff": {}}
+    if reference in scores:
+        out["diff"] = {m: iv(point[m] - point[reference], boot[m] - boot[reference]) for m in scores if m != reference}
+    return out
+
+
 def controlled_experiment(feats_fit, attrs_fit: Mapping[str, np.ndarray], feats_eval,
                           attrs_eval: Mapping[str, np.ndarray], tree: Tree, budgets=DEFAULT_BUDGETS,
                           seeds: int = 5, l2_features: float = 1.0, l2_cbm: float = 1e-2, seed: int = 0,
                           mismatched: Sequence[str] | None = None, extra: Sequence[str] | None = None,
-                          training: str = "independent", folds: int = 5) -> dict:
-    """Seed 001's Experiment 2. The target ``t = tree(attributes)`` is exact. For each budget ``k``
-    and draw: the coarse model is a logistic regression from features to ``t`` on ``k`` rows; each
-    CBM trains one logistic classifier per attribute on the same ``k`` rows (stage 1) and an
-    aggregator from the true attributes of those rows to ``t`` (stage 2, "independent" CBM
-    training; ``training="sequential"``: stage 2 on stage 1's out-of-fold probabilities of those
-    rows, ``folds``-fold); at test the aggregator reads stage 1's predicted probabilities. CBM
-    variants: ``cbm-right`` (the tree's 3 attributes), ``cbm-extra`` (those + ``extra``, default:
-    all others), ``cbm-mismatched`` (``mismatched``, default: all attributes not in the tree).
-    ``oracle-attributes``: the right-attribute aggregator on the *true* eval attributes (the
-    ceiling of a linear aggregator; below 1 when the tree is not linearly separable).
-    Returns the curve dict of :func:`learning_curve` plus ``"sets"`` and ``"positive_rate"``.
+                          training: str = "sequential", folds: int = 5, capacity: str = "linear", hidden: int = 32,
+                          axis: str = "images", attribute_cost: float = 1.0, replicates: int = 500) -> dict:
+    """The concept-bottleneck paper's Experiment 2 with exact attributes. The target ``t = tree(attributes)``.
+
+    For each budget and draw, every model is fitted on rows of the same random order (paired draws):
+    the *coarse* model (:func:`fit_probe` of ``capacity``, features -> ``t``) and CBMs whose stage 1
+    is the same kind of probe (features -> attributes) and whose stage 2 is the logistic aggregator.
+    ``training="sequential"`` (default): stage 2 is fitted on stage 1's out-of-fold probabilities of
+    the training rows (``folds``-fold), as it will be used; ``"independent"``: on their true attributes.
+    At test the aggregator reads stage 1's predicted probabilities. CBM variants: ``cbm-right`` (the
+    tree's 3 attributes), ``cbm-extra`` (those + ``extra``, default: all others), ``cbm-mismatched``
+    (``mismatched``, default: all not in the tree). ``oracle-attributes``: the right-attribute
+    aggregator on the *true* eval attributes (the ceiling of a linear aggregator).
+
+    ``axis="images"``: a budget is a number of labelled images, the same rows for every model.
+    ``axis="cost"``: a budget is a labelling cost; a coarse label costs 1 and an attribute label
+    ``attribute_cost``, so a CBM with m attributes gets ``budget / (1 + m * attribute_cost)`` images
+    (the first ones of the draw's order) and the coarse model ``budget`` images (at most all rows).
+
+    Returns ``{"budgets", "curves" ({model: {budget: {"mean", "std", "n"}}}), "intervals" ({budget:
+    paired_bootstrap(...)}), "rows" ({model: {budget: images used}}), "sets", "positive_rate", ...}``.
     """
     if training not in ("sequential", "independent"):
         raise ValueError(f"training must be 'sequential' or 'independent', got {training!r}")
+    if axis not in ("images", "cost"):
+        raise ValueError(f"axis must be 'images' or 'cost', got {axis!r}")
     names = list(attrs_fit)
     F, Fe = np.asarray(feats_fit, np.float64), np.asarray(feats_eval, np.float64)
     Afit = np.stack([np.asarray(attrs_fit[n]) for n in names], 1).astype(np.float64)
@@ -534,30 +648,84 @@ def controlled_experiment(feats_fit, attrs_fit: Mapping[str, np.ndarray], feats_
     sets = {"cbm-right": right, "cbm-extra": right + list(extra if extra is not None else others),
             "cbm-mismatched": list(mismatched if mismatched is not None else others)}
     col = {n: i for i, n in enumerate(names)}
-    ks = _budgets(budgets, t.size)
-    per: dict[str, dict[int, list[float]]] = {m: {k: [] for k in ks} for m in ["coarse", *sets]}
-    per["oracle-attributes"] = {k: [] for k in ks}  # stage 2 on the true test attributes (upper bound)
+    models = ["coarse", *sets, "oracle-attributes"]
+    cost = {"coarse": 1.0, **{m: 1.0 + len(s) * attribute_cost for m, s in sets.items()}}
+    cost["oracle-attributes"] = cost["cbm-right"]
+    N = t.size
+    if axis == "images":
+        ks = _budgets(budgets, N)
+        n_rows = {m: {k: k for k in ks} for m in models}
+    else:
+        ks = [int(b) for b in budgets if b not in ("all", None)]
+        n_rows = {m: {k: min(N, int(k // cost[m])) for k in ks} for m in models}
+    scores = {k: {m: [] for m in models} for k in ks}
     rng = np.random.default_rng(seed)
     for k in ks:
-        for _ in range(1 if k >= t.size else seeds):
-            idx = _sample(rng, t, k)
-            if idx is None:
-                continue
+        full = all(n_rows[m][k] >= N for m in models)
+        for _ in range(1 if full else seeds):
+            order = rng.permutation(N)
+            if not all(0 < t[order[: n_rows[m][k]]].sum() < n_rows[m][k] for m in models):
+                continue  # a model would see one class only: redraw budget's rows next time
+            cache: dict[int, tuple] = {}
+
+            def stage1(n):
+                if n not in cache:
+                    idx = order[:n]
+                    ev, oof = _stage1(F, Afit, idx, Fe, l2_features, capacity, hidden,
+                                      folds if training == "sequential" else 0, rng)
+                    cache[n] = (idx, expit(ev), Afit[idx] if training == "independent" else expit(oof))
+                return cache[n]
+
+            idx = order[: n_rows["coarse"][k]]
             st = Standardizer.fit(F[idx])
-            w, b = fit_logistic(st(F[idx]), t[idx], l2=l2_features)
-            per["coarse"][k].append(roc_auc(st(Fe) @ w + b, te))
-            # stage 1: every attribute once; the variants pick columns
-            ev, oof = _stage1(F, Afit, idx, Fe, l2_features, folds if training == "sequential" else 0, rng)
-            P = expit(ev)
-            S = Afit[idx] if training == "independent" else expit(oof)
+            scores[k]["coarse"].append(fit_probe(st(F[idx]), t[idx], capacity, l2_features, hidden)(st(Fe))[:, 0])
             for name, s in sets.items():
+                i1, P, S = stage1(n_rows[name][k])
                 cols = [col[n] for n in s]
-                agg = fit_aggregator(S[:, cols], t[idx], s, l2=l2_cbm)
-                per[name][k].append(roc_auc(agg.decision_function(P[:, cols]), te))
-            agg = fit_aggregator(Afit[idx][:, [col[n] for n in right]], t[idx], right, l2=l2_cbm)
-            per["oracle-attributes"][k].append(roc_auc(agg.decision_function(Aev[:, [col[n] for n in right]]), te))
-    return {"budgets": ks, "curves": _summarise(per), "sets": sets, "tree": tree.text,
-            "positive_rate": {"fit": float(t.mean()), "eval": float(te.mean())}}
+                agg = fit_aggregator(S[:, cols], t[i1], s, l2=l2_cbm)
+                scores[k][name].append(agg.decision_function(P[:, cols]))
+            i1 = order[: n_rows["oracle-attributes"][k]]
+            rc = [col[n] for n in right]
+            agg = fit_aggregator(Afit[i1][:, rc], t[i1], right, l2=l2_cbm)
+            scores[k]["oracle-attributes"].append(agg.decision_function(Aev[:, rc]))
+    per = {m: {k: [roc_auc(s, te) for s in scores[k][m]] for k in ks} for m in models}
+    intervals = {k: paired_bootstrap({m: np.stack(scores[k][m]) for m in models}, te, replicates=replicates,
+                                     seed=seed) for k in ks if scores[k]["coarse"]}
+    return {"budgets": ks, "curves": _summarise(per), "intervals": intervals, "rows": n_rows, "sets": sets,
+            "tree": tree.text, "axis": axis, "attribute_cost": attribute_cost, "training": training,
+            "capacity": capacity, "positive_rate": {"fit": float(t.mean()), "eval": float(te.mean())}}
+
+
+def verdicts(result: Mapping, reference: str = "coarse") -> list[str]:
+    """One line per (budget, CBM variant) whose paired 95 % interval of the ROC-AUC difference to
+    ``reference`` excludes 0; budgets where it does not are within noise and get no line."""
+    out = []
+    for k, iv in result["intervals"].items():
+        for m, d in iv["diff"].items():
+            if m.startswith("cbm") and (d["lo"] > 0 or d["hi"] < 0):
+                rel = "above" if d["lo"] > 0 else "below"
+                out.append(f"{result['axis']} budget {k}: {m} {rel} {reference} by {d['mean']:+.3f} "
+                           f"(95% interval {d['lo']:+.3f} .. {d['hi']:+.3f})")
+    return out
+
+
+def format_interval_table(result: Mapping) -> str:
+    """Markdown table: one row per model, one column per budget, ``mean [lo, hi]`` of ROC-AUC and,
+    for the CBMs, the paired difference to the coarse model."""
+    ks = [k for k in result["budgets"] if k in result["intervals"]]
+    lines = ["| model | " + " | ".join(f"{result['axis']} {k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    models = list(result["intervals"][ks[0]]["models"]) if ks else []
+    for m in models:
+        cells = []
+        for k in ks:
+            v = result["intervals"][k]["models"][m]
+            cells.append(f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={result['rows'][m][k]})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for m in models:
+        if m.startswith("cbm"):
+            cells = [("{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]".format(**result["intervals"][k]["diff"][m])) for k in ks]
+            lines.append(f"| {m} − coarse | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 _UID = re.compile(r"^synth-(?P<split>[a-z]+)-(?P<index>\d+)$")

@@ -1,17 +1,17 @@
 """TextNorm: reward calibration over semantically contrastive prompts, and the ranking metrics used
 to judge a reward as a detector of aligned vs misaligned (image, prompt) pairs.
 
-Three parts, all pure numpy/scipy (no model needed):
+* **Contrastive prompts** -- three sources, all giving ``prompt -> list of prompts``:
 
-* **Contrastive prompts** -- :class:`RuleContrast` rewrites a prompt by *swapping one thing* (a
-  colour, a count, an object noun, a size or a spatial relation) for another of the same kind from
-  a :class:`Vocabulary` (default: the synth generator's words, extendable or loaded from JSON). Each
-  contrast keeps the prompt's form -- same number of words, every other word untouched, the case
-  of the replaced word kept -- and changes its meaning. Counts are swapped only among plural
-  numerals ("two" <-> "three") and nouns keep their grammatical number, so exactly one word changes;
-  a relation swap changes the relation phrase only ("left of" -> "right of", "above" -> "below"),
-  to a phrase with the same number of words. Any callable ``prompt -> list[str]`` can replace the
-  rules (e.g. an LLM paraphraser): every function taking ``generator=`` accepts one.
+  - :class:`SwapContrast`: the package's one word-swap generator (:mod:`rahf.swaps`): each contrast
+    changes one content word (colour, object noun, plural count, size, spatial relation) and, where
+    needed, the article in front of it ("a red apple" -> "an orange apple"). Variants are keyed by
+    the record's uid, so TextNorm sees the same swaps as evaluation and training. Vocabularies:
+    ``DEFAULT_SWAPS`` (synth words plus common words of natural prompts; the default) or
+    ``SYNTH_SWAPS``.
+  - :class:`FileContrasts`: a JSONL file, one line per prompt, ``{"uid": ..., "prompt": ...,
+    "contrasts": [...]}`` (looked up by uid, then by prompt), e.g. written by an LLM paraphraser.
+  - any callable ``prompt -> list[str]``.
 
 * **The normalized reward** -- :func:`textnorm`:
 
@@ -20,7 +20,12 @@ Three parts, all pure numpy/scipy (no model needed):
   computed as ``exp(r/tau - logsumexp(...))`` in float64 (stable for any scale). Limits:
   ``tau = 0`` gives the hard limit (1/m on the m tied maxima, 0 elsewhere; so 1 for a strict winner),
   ``tau = inf`` gives the uniform 1/(1+K); adding a constant to all rewards of an example changes
-  nothing. Contrasts may be ragged: pad with NaN (ignored).
+  nothing. Contrasts may be ragged: pad with NaN (ignored). A pair with **no** contrast has no
+  normalized reward (NaN): the softmax over one element is 1 whatever the reward, so such pairs
+  are excluded from TextNorm comparisons and counted (:func:`restrict_contrasts`), never ranked.
+
+* **Choosing tau** -- :func:`select_tau` picks tau on a development split by a ranking metric; the
+  chosen value is then applied, unchanged, to the test split.
 
 * **Ranking metrics** -- :func:`roc_auc` (Mann-Whitney with average ranks: ties count 1/2),
   :func:`average_precision` (AUPRC as step-wise average precision, ties grouped as one threshold),
@@ -34,10 +39,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy.special import logsumexp
@@ -45,17 +48,20 @@ from scipy.special import logsumexp
 from ..eval.metrics import RANKING_METRICS as METRIC_NAMES
 from ..eval.metrics import ap_at_k, average_precision, kendall_tau, ranking_metrics, roc_auc
 from ..eval.metrics import srcc as spearman
-from ..lexicon import COLOUR_WORDS, COUNT_WORDS, PLURALS, RELATIONS, SIZE_WORDS
+from ..swaps import DEFAULT_SWAPS, SWAP_KINDS, SYNTH_SWAPS, SwapVocabulary, candidate_swaps, word_swaps
+from ..schema import split_words
 
 __all__ = [
-    "Vocabulary",
-    "default_vocabulary",
-    "Contrast",
-    "RuleContrast",
+    "SWAP_VOCABULARIES",
+    "SwapContrast",
+    "FileContrasts",
     "ContrastGenerator",
     "contrast_sets",
+    "restrict_contrasts",
+    "pad_contrasts",
     "textnorm",
     "log_textnorm",
+    "select_tau",
     "roc_auc",
     "average_precision",
     "ap_at_k",
@@ -67,185 +73,111 @@ __all__ = [
 ]
 
 ContrastGenerator = Callable[[str], Sequence[str]]
-KINDS: tuple[str, ...] = ("colour", "count", "object", "size", "relation")
-
-
-# ----------------------------------------------------------------------------------------------
-# vocabulary
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Vocabulary:
-    """Words the rules may swap. ``nouns`` maps singular -> plural; ``numerals`` are plural counts
-    (swapped among themselves); ``relations`` are phrases (swapped with phrases of equal length)."""
-
-    colours: list[str] = field(default_factory=list)
-    nouns: dict[str, str] = field(default_factory=dict)
-    numerals: list[str] = field(default_factory=list)
-    sizes: list[str] = field(default_factory=list)
-    relations: list[str] = field(default_factory=list)
-
-    def extend(self, colours: Iterable[str] = (), nouns: Mapping[str, str] | None = None,
-               numerals: Iterable[str] = (), sizes: Iterable[str] = (), relations: Iterable[str] = ()) -> "Vocabulary":
-        """Return a new vocabulary with the given words added (duplicates dropped, order kept)."""
-        def merge(a, b):
-            return list(dict.fromkeys([*a, *(w.lower() for w in b)]))
-        n = dict(self.nouns)
-        n.update({k.lower(): v.lower() for k, v in (nouns or {}).items()})
-        return Vocabulary(merge(self.colours, colours), n, merge(self.numerals, numerals), merge(self.sizes, sizes),
-                          merge(self.relations, relations))
-
-    def to_dict(self) -> dict:
-        return {"colours": self.colours, "nouns": self.nouns, "numerals": self.numerals, "sizes": self.sizes,
-                "relations": self.relations}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Vocabulary":
-        unknown = set(d) - {"colours", "nouns", "numerals", "sizes", "relations"}
-        if unknown:
-            raise ValueError(f"unknown vocabulary keys {sorted(unknown)}")
-        nouns = d.get("nouns", {})
-        if isinstance(nouns, list):  # a list of singular nouns: naive English plural
-            nouns = {w: w + ("es" if w.endswith(("s", "x", "ch", "sh")) else "s") for w in nouns}
-        return cls().extend(d.get("colours", ()), nouns, d.get("numerals", ()), d.get("sizes", ()),
-                            d.get("relations", ()))
-
-    @classmethod
-    def load(cls, path: str | Path, extend_default: bool = True) -> "Vocabulary":
-        """Read a JSON vocabulary; by default it extends :func:`default_vocabulary`."""
-        d = json.loads(Path(path).read_text())
-        v = cls.from_dict(d)
-        return default_vocabulary().extend(v.colours, v.nouns, v.numerals, v.sizes, v.relations) if extend_default else v
-
-
-def default_vocabulary() -> Vocabulary:
-    """The synth dataset's words (:mod:`rahf.lexicon`: colours, shapes, counts two/three, sizes, relations)."""
-    numerals = [w for n, ws in COUNT_WORDS.items() if n > 1 for w in ws]
-    return Vocabulary(colours=list(COLOUR_WORDS), nouns=dict(PLURALS), numerals=numerals, sizes=list(SIZE_WORDS),
-                      relations=list(RELATIONS))
+SWAP_VOCABULARIES: dict[str, SwapVocabulary] = {"default": DEFAULT_SWAPS, "synth": SYNTH_SWAPS}
 
 
 # ----------------------------------------------------------------------------------------------
 # contrastive prompts
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Contrast:
-    """One contrastive prompt: ``kind`` of swap, word ``span`` [start, stop) replaced, old/new text."""
+class SwapContrast:
+    """Contrastive prompts from :mod:`rahf.swaps`: up to ``max_contrasts`` one-word swaps per prompt
+    (0 or None: every swap the rules allow), picked by :func:`rahf.swaps.word_swaps` with the key
+    ``(key or prompt, seed)``. ``vocab`` is a :class:`~rahf.swaps.SwapVocabulary` or a name of
+    :data:`SWAP_VOCABULARIES`. Returned prompts are the swapped words joined by single spaces."""
 
-    prompt: str
-    kind: str
-    span: tuple[int, int]
-    old: str
-    new: str
+    keyed = True  # contrast_sets passes each record's uid as ``key``
 
-
-def _match_case(new: str, old: str) -> str:
-    if old[:1].isupper():
-        return new[:1].upper() + new[1:]
-    return new
-
-
-class RuleContrast:
-    """Rule-based contrastive prompt generator (see the module docstring).
-
-    ``kinds``: which swaps to make; ``max_contrasts``: at most this many per prompt (0 or None: all),
-    picked round-robin over kinds in a random order seeded by ``seed`` and the prompt, so the same
-    prompt always gets the same set. Calling the object returns the prompts; :meth:`contrasts`
-    returns :class:`Contrast` records. Words are whitespace-separated; punctuation glued to a word
-    (``"red,"``) is kept.
-    """
-
-    def __init__(self, vocabulary: Vocabulary | None = None, kinds: Sequence[str] = KINDS,
+    def __init__(self, vocab: SwapVocabulary | str = DEFAULT_SWAPS, kinds: Sequence[str] = SWAP_KINDS,
                  max_contrasts: int | None = 8, seed: int = 0):
-        bad = set(kinds) - set(KINDS)
+        if isinstance(vocab, str):
+            if vocab not in SWAP_VOCABULARIES:
+                raise ValueError(f"unknown swap vocabulary {vocab!r}; choose from {sorted(SWAP_VOCABULARIES)}")
+            vocab = SWAP_VOCABULARIES[vocab]
+        bad = set(kinds) - set(SWAP_KINDS)
         if bad:
-            raise ValueError(f"unknown contrast kinds {sorted(bad)}; choose from {KINDS}")
-        self.vocab = vocabulary or default_vocabulary()
-        self.kinds = tuple(kinds)
-        self.max_contrasts = max_contrasts
-        self.seed = seed
-        v = self.vocab
-        self._singular = list(v.nouns)  # lists, not sets: a deterministic order
-        self._plural = list(dict.fromkeys(v.nouns.values()))
-        self._rel = [r.lower().split() for r in v.relations]
+            raise ValueError(f"unknown swap kinds {sorted(bad)}; choose from {SWAP_KINDS}")
+        self.vocab, self.kinds, self.max_contrasts, self.seed = vocab, tuple(kinds), max_contrasts, seed
 
-    def _all(self, prompt: str) -> list[Contrast]:
-        toks = prompt.split()
-        core = [re.match(r"^(\W*)(.*?)(\W*)$", t).groups() for t in toks]  # (lead, word, trail)
-        low = [c[1].lower() for c in core]
-        out: list[Contrast] = []
-        seen = {" ".join(toks)}
+    def swaps(self, prompt: str, key: str | None = None):
+        """The :class:`~rahf.swaps.WordSwap` records of ``prompt``."""
+        if not self.max_contrasts:
+            return candidate_swaps(split_words(prompt), self.vocab, self.kinds)
+        return word_swaps(prompt, key if key is not None else prompt, self.max_contrasts, self.vocab, self.kinds,
+                          self.seed)
 
-        def emit(kind, i, j, new_words):
-            new_toks = list(toks)
-            for k, w in zip(range(i, j), new_words):
-                lead, word, trail = core[k]
-                new_toks[k] = lead + _match_case(w, word) + trail
-            p = " ".join(new_toks)
-            if p not in seen:
-                seen.add(p)
-                out.append(Contrast(p, kind, (i, j), " ".join(toks[i:j]), " ".join(new_toks[i:j])))
+    def __call__(self, prompt: str, key: str | None = None) -> list[str]:
+        return [s.prompt for s in self.swaps(prompt, key)]
 
-        v = self.vocab
-        for i, w in enumerate(low):
-            if not w:
+
+class FileContrasts:
+    """Contrastive prompts read from a JSONL file: one object a line with ``"contrasts"`` (a list of
+    prompts) and ``"uid"`` and/or ``"prompt"``. A record is looked up by its uid, then by its
+    prompt; a prompt found in neither gets no contrasts (and is excluded, counted, by the caller)."""
+
+    keyed = True
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.by_uid: dict[str, list[str]] = {}
+        self.by_prompt: dict[str, list[str]] = {}
+        for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
                 continue
-            if "colour" in self.kinds and w in v.colours:
-                for c in v.colours:
-                    if c != w:
-                        emit("colour", i, i + 1, [c])
-            if "count" in self.kinds and w in v.numerals:
-                for c in v.numerals:
-                    if c != w:
-                        emit("count", i, i + 1, [c])
-            if "size" in self.kinds and w in v.sizes:
-                for c in v.sizes:
-                    if c != w:
-                        emit("size", i, i + 1, [c])
-            if "object" in self.kinds and (w in self._singular or w in self._plural):
-                pool = self._singular if w in self._singular else self._plural
-                for c in pool:
-                    if c != w:
-                        emit("object", i, i + 1, [c])
-        if "relation" in self.kinds:
-            for i in range(len(low)):
-                for r in self._rel:
-                    if low[i:i + len(r)] == r and all(core[k][1] for k in range(i, i + len(r))):
-                        for r2 in self._rel:
-                            if r2 != r and len(r2) == len(r):
-                                emit("relation", i, i + len(r), r2)
-        return out
+            try:
+                d = json.loads(line)
+                cs = d["contrasts"]
+                if not isinstance(cs, list) or not all(isinstance(c, str) for c in cs):
+                    raise ValueError("'contrasts' must be a list of strings")
+                if "uid" not in d and "prompt" not in d:
+                    raise ValueError("a line needs 'uid' or 'prompt'")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path}:{n}: bad contrast line ({e})") from None
+            if "uid" in d:
+                self.by_uid[str(d["uid"])] = cs
+            if "prompt" in d:
+                self.by_prompt[d["prompt"]] = cs
 
-    def contrasts(self, prompt: str) -> list[Contrast]:
-        allc = self._all(prompt)
-        if not self.max_contrasts or len(allc) <= self.max_contrasts:
-            return allc
-        import zlib
-
-        rng = np.random.default_rng([self.seed, zlib.crc32(prompt.encode())])
-        by_kind: dict[str, list[Contrast]] = {}
-        for c in allc:
-            by_kind.setdefault(c.kind, []).append(c)
-        kinds = [self.kinds[i] for i in rng.permutation(len(self.kinds))]
-        queues = [[by_kind[k][i] for i in rng.permutation(len(by_kind[k]))] for k in kinds if k in by_kind]
-        picked: list[Contrast] = []
-        while len(picked) < self.max_contrasts:
-            for q in queues:
-                if q and len(picked) < self.max_contrasts:
-                    picked.append(q.pop(0))
-        return picked
-
-    def __call__(self, prompt: str) -> list[str]:
-        return [c.prompt for c in self.contrasts(prompt)]
+    def __call__(self, prompt: str, key: str | None = None) -> list[str]:
+        if key is not None and key in self.by_uid:
+            return list(self.by_uid[key])
+        return list(self.by_prompt.get(prompt, []))
 
 
-def contrast_sets(prompts: Sequence[str], generator: ContrastGenerator | None = None) -> list[list[str]]:
-    """Contrastive prompts for each prompt (``generator`` default: :class:`RuleContrast`()).
-    The prompt itself and duplicates are dropped from a generator's output."""
-    gen = generator or RuleContrast()
+def contrast_sets(prompts: Sequence[str], generator: ContrastGenerator | None = None,
+                  keys: Sequence[str] | None = None) -> list[list[str]]:
+    """Contrastive prompts for each prompt (``generator`` default: :class:`SwapContrast`()). A
+    generator with ``keyed = True`` also gets the record's key (uid) as ``key=``. The prompt itself
+    and duplicates are dropped from a generator's output."""
+    gen = generator or SwapContrast()
+    keyed = getattr(gen, "keyed", False)
+    if keys is not None and len(keys) != len(prompts):
+        raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     out = []
-    for p in prompts:
-        cs = [c for c in dict.fromkeys(gen(p)) if c != p]
-        out.append(cs)
+    for i, p in enumerate(prompts):
+        cs = gen(p, key=None if keys is None else keys[i]) if keyed else gen(p)
+        out.append([c for c in dict.fromkeys(cs) if c != p])
+    return out
+
+
+def restrict_contrasts(contrasts: Sequence[Sequence[str]], fixed_k: int | None = None) -> tuple[list[list[str]], np.ndarray]:
+    """Which pairs TextNorm can score: those with at least one contrast, or with ``fixed_k``: those
+    with at least ``fixed_k`` contrasts, cut to their first ``fixed_k`` (every kept pair is then
+    normalised over the same number of prompts). Returns (the kept pairs' sets -- ``[]`` for
+    excluded pairs --, boolean mask of kept pairs)."""
+    need = 1 if not fixed_k else int(fixed_k)
+    if need < 1:
+        raise ValueError(f"fixed_k must be >= 1, got {fixed_k}")
+    keep = np.array([len(c) >= need for c in contrasts], dtype=bool)
+    sets = [list(c[:fixed_k] if fixed_k else c) if k else [] for c, k in zip(contrasts, keep)]
+    return sets, keep
+
+
+def pad_contrasts(values: Sequence[Sequence[float]]) -> np.ndarray:
+    """Ragged per-pair contrast rewards as an (N, max(1, K)) float64 array padded with NaN."""
+    K = max((len(v) for v in values), default=0)
+    out = np.full((len(values), max(K, 1)), np.nan)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = v
     return out
 
 
@@ -270,6 +202,7 @@ def log_textnorm(reward, contrast_rewards, tau: float = 1.0) -> np.ndarray:
     """log r~ for each example (float64, shape (N,)); see :func:`textnorm`."""
     z = _stack(reward, contrast_rewards)
     valid = ~np.isnan(z)
+    none = valid[:, 1:].sum(axis=1) == 0  # no contrast: undefined
     tau = float(tau)
     if not tau >= 0:
         raise ValueError(f"tau must be >= 0 (inf allowed), got {tau}")
@@ -278,11 +211,13 @@ def log_textnorm(reward, contrast_rewards, tau: float = 1.0) -> np.ndarray:
         m = zz.max(axis=1, keepdims=True)
         ties = (zz == m).sum(axis=1)
         with np.errstate(divide="ignore"):
-            return np.where(z[:, 0] == m[:, 0], -np.log(ties), -np.inf)
-    if math.isinf(tau):
-        return -np.log(valid.sum(axis=1).astype(np.float64))
-    s = np.where(valid, z / tau, -np.inf)
-    return s[:, 0] - logsumexp(s, axis=1)
+            out = np.where(z[:, 0] == m[:, 0], -np.log(ties), -np.inf)
+    elif math.isinf(tau):
+        out = -np.log(valid.sum(axis=1).astype(np.float64))
+    else:
+        s = np.where(valid, z / tau, -np.inf)
+        out = s[:, 0] - logsumexp(s, axis=1)
+    return np.where(none, np.nan, out)
 
 
 def textnorm(reward, contrast_rewards, tau: float = 1.0) -> np.ndarray:
@@ -290,9 +225,28 @@ def textnorm(reward, contrast_rewards, tau: float = 1.0) -> np.ndarray:
 
     ``reward``: (N,) rewards r(x_i, y_i); ``contrast_rewards``: (N, K) rewards r(x_i, y') of the
     contrastive prompts (NaN = no contrast in that slot: ragged sets). ``tau`` > 0; 0 and ``inf``
-    give the limits (see the module docstring). Returns float64 (N,) values in [0, 1].
+    give the limits (see the module docstring). Returns float64 (N,) values in [0, 1]; NaN for a
+    pair without any contrast (exclude those: :func:`restrict_contrasts`).
     """
     return np.exp(log_textnorm(reward, contrast_rewards, tau))
+
+
+def select_tau(reward, contrast_rewards, labels, taus: Sequence[float], metric: str = "auroc",
+               ks: Sequence[int] = (10, 50)) -> tuple[float, dict[float, dict[str, float]]]:
+    """Pick tau on development pairs: the tau of ``taus`` whose TextNorm reward has the highest
+    ``metric`` (a key of :func:`ranking_metrics`; the first listed wins a tie). Pairs without a
+    contrast are ignored. Returns (tau, {tau: all metrics})."""
+    if not len(taus):
+        raise ValueError("no tau to select from")
+    r = np.asarray(reward, dtype=np.float64).reshape(-1)
+    c = np.asarray(contrast_rewards, dtype=np.float64).reshape(r.size, -1)
+    keep = (~np.isnan(c)).any(axis=1)
+    y = np.asarray(labels)[keep]
+    table = {float(t): ranking_metrics(textnorm(r[keep], c[keep], t), y, ks) for t in taus}
+    if metric not in next(iter(table.values())):
+        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(next(iter(table.values())))}")
+    best = max(table, key=lambda t: (np.nan_to_num(table[t][metric], nan=-np.inf), -list(table).index(t)))
+    return best, table
 
 
 def format_metric_table(rows: Mapping[str, Mapping[str, float]], title: str = "reward") -> str:

@@ -37,6 +37,10 @@ class DataConfig:
 class OptimConfig:
     lr: float = 2e-3
     decoder_lr: Optional[float] = None  # None: same as lr
+    # the randomly initialised parts (heatmap/score heads, the vision→text projection: rahf.training.optim);
+    # None: same as lr (the default job trains everything from scratch); with pretrained encoders a
+    # higher rate than the backbone's (e.g. 10×) lets the new parts catch up
+    head_lr: Optional[float] = None
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -141,8 +145,10 @@ def check_config(cfg: TrainConfig) -> None:
                     ("train.max_steps", t.max_steps), ("eval.batch_size", cfg.eval.batch_size)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    for name, v in (("optim.lr", cfg.optim.lr), ("optim.decoder_lr", cfg.optim.decoder_lr),
+                    ("optim.head_lr", cfg.optim.head_lr)):
+        if v is not None and v <= 0:
+            raise ConfigError(f"{name} must be > 0, got {v}")
     for name, v in (("eval.every", cfg.eval.every), ("checkpoint.every", cfg.checkpoint.every),
                     ("optim.warmup_steps", cfg.optim.warmup_steps), ("optim.grad_clip", cfg.optim.grad_clip),
                     ("data.num_workers", cfg.data.num_workers), ("train.threads", t.threads),

@@ -37,9 +37,11 @@ from .._extras import require
 from ..configtools import ConfigError, dump_yaml, to_dict
 from ..data.format import DataError, open_dataset
 from ..data.torch_data import RAHFCollator, RAHFTorchDataset
+from ..data.tokens import truncation_lines
 from ..eval.evaluate import measurement, metrics_document, model_inputs, other_decode, run_evaluation, write_metrics
 from ..model.card import write_model_card
 from ..model.loss import RAHFLoss
+from ..model.pretrained import check_random_init
 from ..model.rahf_model import RAHF
 from .bad_records import BadRecords, SkipEmpty
 from .caps import EarlyStop, TimeLimit, stopped_early_field
@@ -129,14 +131,15 @@ class Trainer:
     # ---- building
     def build(self):
         cfg, acc = self.cfg, self.accelerator
+        if not cfg.run.init_from:
+            check_random_init(cfg.model)  # before any data or weights are touched
         set_seed(cfg.train.seed)
         ensure_data(cfg, acc)
         if cfg.run.init_from:
             model = RAHF.from_pretrained(cfg.run.init_from)
-        else:
-            model = RAHF(cfg.model)
-            if cfg.model.vision.pretrained or cfg.model.text.pretrained:
-                model.load_pretrained_encoders()
+        else:  # the checkpoints' T5 architecture and image mean/std, when pretrained encoders are configured
+            model = RAHF.from_pretrained_encoders(cfg.model)
+            cfg.model = model.config
         if cfg.train.freeze:
             n = model.freeze(cfg.train.freeze)
             acc.print(f"froze {n:,} parameters ({', '.join(cfg.train.freeze)})")
@@ -150,6 +153,10 @@ class Trainer:
         self.losses: dict = {}  # the last batch's losses (logged at log steps)
         self._compute_s = 0.0  # the current optimizer step's computation time so far
         self.train_ds = self.open_split(cfg.data.train_split)
+        # token limits are never silent: how many prompts / targets the collator will cut (training.json)
+        self.token_lengths = {cfg.data.train_split: self.collate.split_truncation(self.train_ds.split)}
+        for line in truncation_lines(cfg.data.train_split, self.token_lengths[cfg.data.train_split]):
+            acc.print(line)
         self.eval_ds = (self.open_split(cfg.data.eval_split, stored_maps=True)
                         if (Path(cfg.data.root) / cfg.data.eval_split).is_dir() else None)
         group = cfg.data.group_variants
@@ -490,6 +497,7 @@ class Trainer:
         return {"run": self.run_dir.name, "step": weights_step, "run_steps": self.step,
                 "max_steps": cfg.train.max_steps, "samples": self.samples,
                 "best": {"metric": cfg.eval.metric, "mode": cfg.eval.mode, "value": self.best, "step": self.best_step},
+                "token_lengths": self.token_lengths,
                 "stopped_early": stopped_early_field(self.stopped_early)}
 
     def finish(self, wall: float) -> dict:
@@ -603,6 +611,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = trainer.train()
+    except ConfigError as e:  # found while building (e.g. pretrained weights that do not fit)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         print(f"data error: {e}\n(`rahf data validate {cfg.data.root}` lists every problem; "
               f"data.on_bad_record=skip skips bad records, up to data.max_bad_fraction of a split)", file=sys.stderr)
