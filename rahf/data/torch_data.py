@@ -98,8 +98,13 @@ class RAHFCollator:
     on a dataset whose maps differ in size) stay a list of (H_i, W_i) tensors, in batch order."""
 
     def __init__(self, tokenizer, max_prompt_tokens: int = 64, max_target_tokens: int = 96,
-                 task_prompts: Optional[dict] = None, tasks: Optional[Sequence[str]] = None):
+                 task_prompts: Optional[dict] = None, tasks: Optional[Sequence[str]] = None,
+                 word_tags: bool = False):
         self.tokenizer = tokenizer
+        self.word_tags = word_tags
+        if word_tags and not getattr(tokenizer, "is_fast", False):
+            raise ValueError("per-word tags (model.word_head) need a fast tokenizer (word ids): "
+                             f"{type(tokenizer).__name__} has none; use tokenizer 'words' or a T5 sentencepiece one")
         self.max_prompt_tokens = max_prompt_tokens
         self.max_target_tokens = max_target_tokens
         self.task_ids = self.task_mask = None
@@ -119,14 +124,35 @@ class RAHFCollator:
         from ..schema import TASKS
 
         return cls(model.tokenizer, cfg.text.max_prompt_tokens, cfg.text.max_target_tokens,
-                   task_prompts=cfg.task_prompts if aug else None, tasks=TASKS if aug else None)
+                   task_prompts=cfg.task_prompts if aug else None, tasks=TASKS if aug else None,
+                   word_tags=bool(getattr(cfg, "word_head", False)))
 
-    def tokenize_prompts(self, prompts: list[str]) -> dict:
+    def tokenize_prompts(self, prompts: list[str], word_ids: bool = False) -> dict:
         enc = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
                              return_tensors="pt")
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if word_ids:
+            out["word_ids"] = [enc.word_ids(i) for i in range(len(prompts))]
         if self.task_ids is not None:
             out["task_ids"], out["task_mask"] = self.task_ids, self.task_mask
+        return out
+
+    @staticmethod
+    def word_tag_targets(word_ids: list, prompts: list[str], tagged: list[str], uids: Optional[list] = None) -> torch.Tensor:
+        """(B, L): for each prompt token, 1 if its word is tagged in the tagged prompt, 0 if not, -1 for
+        tokens of no word (padding, end of sequence)."""
+        from ..schema import parse_tagged, split_words
+
+        L = max((len(w) for w in word_ids), default=0)
+        out = torch.full((len(word_ids), L), -1.0)
+        for i, (ids, p, t) in enumerate(zip(word_ids, prompts, tagged)):
+            words, flags = parse_tagged(t)
+            if words != split_words(p):
+                name = uids[i] if uids else f"#{i} of the batch"
+                raise ValueError(f"record {name}: tagged prompt {t!r} does not tag the prompt {p!r} word for word")
+            for j, w in enumerate(ids):
+                if w is not None and w < len(flags):
+                    out[i, j] = float(flags[w])
         return out
 
     def __call__(self, items: list[dict]) -> dict:
@@ -147,10 +173,13 @@ class RAHFCollator:
         batch["uids"] = [it["uid"] for it in items]
         batch["prompts"] = [it["prompt"] for it in items]
         batch["tagged_prompts"] = [it["tagged_prompt"] for it in items]
-        batch.update(self.tokenize_prompts(batch["prompts"]))
+        batch.update(self.tokenize_prompts(batch["prompts"], word_ids=self.word_tags))
         tgt = self.tokenizer(batch["tagged_prompts"], padding=True, truncation=True,
                              max_length=self.max_target_tokens, return_tensors="pt")
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
         batch["labels"] = labels
         batch["tag_token_id"] = self.tag_token_id
+        if self.word_tags:
+            batch["word_tags"] = self.word_tag_targets(batch.pop("word_ids"), batch["prompts"], batch["tagged_prompts"],
+                                                         batch["uids"])
         return batch

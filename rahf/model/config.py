@@ -103,6 +103,8 @@ class LossConfig:
     # (grouped batches, rahf.training.grouping), a logistic loss on the difference of predicted
     # alignments, with this weight (0 = off)
     alignment_rank: float = 0.0
+    # weight of the per-word tag loss (binary cross-entropy of the word head, model.word_head=true)
+    word_tags: float = 1.0
 
 
 # Named head styles: both heads, absolute in channels; the output size of every style is patch grid × 16.
@@ -179,6 +181,10 @@ class RAHFConfig:
     score_head: ScoreHeadConfig = field(default_factory=ScoreHeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     task_prompts: dict = field(default_factory=_task_prompts)  # per task (TASKS order): the encoder's text
+    # a linear head on the fused prompt-token states that predicts, per prompt word, whether it is
+    # misaligned (trained with the tags, loss.word_tags): a dense image-text comparison signal for the
+    # encoder; its probabilities are returned as ``word_probs`` and can decide the tags at decoding
+    word_head: bool = False
 
     def __post_init__(self):
         found = head_style_of(self.heatmap_head, self.score_head)
