@@ -101,7 +101,7 @@ OUTLINE = (30, 30, 35)
 MUD = (118, 108, 96)  # a dull background is mixed toward this colour (and gets more grain)
 SCORE_NOISE = 0.025
 BOUND = 1.2  # bounding-circle radius of every shape, in units of its nominal radius
-_STREAM_PROMPT, _STREAM_RENDER, _STREAM_SHARE = 1, 2, 3
+_STREAM_PROMPT, _STREAM_RENDER, _STREAM_SHARE, _STREAM_EASY = 1, 2, 3, 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,12 +211,16 @@ def _caption_tokens(groups: list[Group], relation: str | None, rng: np.random.Ge
     return toks
 
 
-def sample_prompt(rng: np.random.Generator) -> PromptSpec:
-    """Sample a prompt: 1-4 groups, maybe a relation, a template."""
-    k = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.25, 0.1]))
+def sample_prompt(rng: np.random.Generator, easy: bool = False) -> PromptSpec:
+    """Sample a prompt: 1-4 groups, maybe a relation, a template. ``easy``: one object ("a red
+    circle", "a big blue star"; see :data:`EASY_ERRORS`)."""
+    k = 1 if easy else int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.25, 0.1]))
     relation = str(rng.choice(RELATIONS)) if k >= 2 and rng.random() < 0.6 else None
     for _ in range(200):
         groups = [_sample_group(rng) for _ in range(k)]
+        if easy:
+            groups[0].count = 1
+            groups[0].size = None if rng.random() < 0.5 else "big"
         _apply_relation(groups, relation, rng)
         if _groups_ok(groups):
             break
@@ -273,7 +277,13 @@ def _allowed_errors(spec: PromptSpec, gi: int) -> list[str]:
     return kinds
 
 
-def _sample_errors(spec: PromptSpec, rng: np.random.Generator) -> tuple[dict[int, str], bool]:
+# the errors of an easy (one-object) scene: half are drawn as asked, the others in another colour or shape
+EASY_ERRORS = ("colour", "shape")
+
+
+def _sample_errors(spec: PromptSpec, rng: np.random.Generator, easy: bool = False) -> tuple[dict[int, str], bool]:
+    if easy:
+        return ({0: str(rng.choice(EASY_ERRORS))} if rng.random() < 0.5 else {}), False
     n = int(rng.choice([0, 1, 2], p=[0.5, 0.33, 0.17]))
     slots = [("group", i) for i in range(len(spec.groups))] + ([("place", -1)] if spec.relation else [])
     order = rng.permutation(len(slots))[:n]
@@ -644,10 +654,12 @@ class SynthRecord(Example):
     scene: Scene | None = None
 
 
-def render_scene(spec: PromptSpec, rng: np.random.Generator, size: int = 128) -> tuple[Scene, Image.Image, np.ndarray, np.ndarray]:
+def render_scene(spec: PromptSpec, rng: np.random.Generator, size: int = 128,
+                 easy: bool = False) -> tuple[Scene, Image.Image, np.ndarray, np.ndarray]:
     """Draw one rendering of ``spec``: returns the scene (errors, instances, artifacts), the RGB
-    image (size x size) and the implausibility and misalignment maps (float32, [0, 1])."""
-    errors, place = _sample_errors(spec, rng)
+    image (size x size) and the implausibility and misalignment maps (float32, [0, 1]). ``easy``:
+    errors of :data:`EASY_ERRORS` only."""
+    errors, place = _sample_errors(spec, rng, easy)
     drawn = [_drawn_group(g, errors.get(i), rng) for i, g in enumerate(spec.groups)]
     scene = Scene(spec, errors, place, drawn)
     scene.instances = _layout(scene, rng)
@@ -670,15 +682,27 @@ def prompt_key(seed: int, split: str, index: int) -> int:
     return 2 * block if _rng(seed, split, block, _STREAM_SHARE).random() < 0.3 else index
 
 
-def make_record(seed: int, split: str, index: int, size: int = 128) -> SynthRecord:
-    """Record ``index`` of ``split``: a pure function of the arguments."""
+def is_easy(seed: int, split: str, index: int, easy_fraction: float) -> bool:
+    """Whether record ``index`` of ``split`` is an easy (one-object) scene, for a split generated with
+    ``easy_fraction`` of them (drawn from a stream of its own, so the other records do not change)."""
+    return easy_fraction > 0 and _rng(seed, split, index, _STREAM_EASY).random() < easy_fraction
+
+
+def make_record(seed: int, split: str, index: int, size: int = 128, easy_fraction: float = 0.0) -> SynthRecord:
+    """Record ``index`` of ``split``: a pure function of the arguments. ``easy_fraction``: the share of
+    one-object scenes (:func:`is_easy`; 0 for the plain generator)."""
+    if is_easy(seed, split, index, easy_fraction):
+        spec = sample_prompt(_rng(seed, split, index, _STREAM_PROMPT), easy=True)
+        return record_from_spec(spec, _rng(seed, split, index, _STREAM_RENDER), f"synth-{split}-{index:06d}", size,
+                                easy=True)
     spec = sample_prompt(_rng(seed, split, prompt_key(seed, split, index), _STREAM_PROMPT))
     return record_from_spec(spec, _rng(seed, split, index, _STREAM_RENDER), f"synth-{split}-{index:06d}", size)
 
 
-def record_from_spec(spec: PromptSpec, rng: np.random.Generator, uid: str, size: int = 128) -> SynthRecord:
+def record_from_spec(spec: PromptSpec, rng: np.random.Generator, uid: str, size: int = 128,
+                     easy: bool = False) -> SynthRecord:
     """Render ``spec`` with ``rng`` and label it: scores (with rater noise), tags, maps."""
-    scene, image, imp, mis = render_scene(spec, rng, size)
+    scene, image, imp, mis = render_scene(spec, rng, size, easy)
     true = _true_scores(scene)
     scores = {k: round(float(np.clip(true[k] + rng.normal(0, SCORE_NOISE), 0, 1)), 4) for k in SCORE_NAMES}
     words = spec.words
@@ -687,7 +711,7 @@ def record_from_spec(spec: PromptSpec, rng: np.random.Generator, uid: str, size:
                        image=image, implausibility_map=imp, misalignment_map=mis, caption=spec.caption, scene=scene)
 
 
-def _encoded_record(task: tuple[int, str, int, int]) -> tuple:
+def _encoded_record(task: tuple[int, str, int, int, float]) -> tuple:
     rec = make_record(*task)
     buf = io.BytesIO()
     rec.image.save(buf, format="PNG")
@@ -732,6 +756,13 @@ class SynthConfig:
     # > 1: the train split holds each scene with this many prompts (its own and one-word-swap variants
     # with exact labels, rahf.data.synth_variants); dev and test stay plain
     prompts_per_image: int = 1
+    # how the variants are chosen (rahf.data.synth_variants.record_variants): "random" swaps (most add an
+    # error), or "balanced" (a record drawn with an error first gets a swap that fixes it)
+    variant_pick: str = "random"
+    # the share of the train split's scenes that show one object ("a red circle", drawn in another
+    # colour or shape half of the time): the simplest image-prompt comparison, mixed into training
+    # (dev and test stay plain)
+    easy_fraction: float = 0.0
 
 
 SYNTH_DEFAULTS = SynthConfig()
@@ -739,12 +770,13 @@ SYNTH_DEFAULTS = SynthConfig()
 
 def generate(out: str | os.PathLike, train: int = SYNTH_DEFAULTS.train, dev: int = SYNTH_DEFAULTS.dev,
              test: int = SYNTH_DEFAULTS.test, size: int = SYNTH_DEFAULTS.size, seed: int = SYNTH_DEFAULTS.seed,
-             workers: int | None = None) -> dict:
+             workers: int | None = None, easy_fraction: float = SYNTH_DEFAULTS.easy_fraction) -> dict:
     """Write a synth dataset under ``out`` (splits with a count of 0 are skipped; defaults:
     :data:`SYNTH_DEFAULTS`).
 
     Returns ``{"out", "splits": counts, "seconds", "rate" (records/s), "stats": per split}``.
-    The bytes written depend only on (counts, size, seed), not on ``workers``.
+    The bytes written depend only on (counts, size, seed, easy_fraction), not on ``workers``.
+    ``easy_fraction`` applies to the train split only (see :func:`is_easy`).
     """
     if size < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
@@ -759,7 +791,7 @@ def generate(out: str | os.PathLike, train: int = SYNTH_DEFAULTS.train, dev: int
     stats = {}
     try:
         for split, n in counts.items():
-            tasks = [(seed, split, i, size) for i in range(n)]
+            tasks = [(seed, split, i, size, easy_fraction if split == "train" else 0.0) for i in range(n)]
             rows = pool.imap(_encoded_record, tasks, chunksize=8) if pool else map(_encoded_record, tasks)
             kept = []
             with SplitWriter(out, split) as w:
@@ -771,7 +803,8 @@ def generate(out: str | os.PathLike, train: int = SYNTH_DEFAULTS.train, dev: int
         if pool:
             pool.close()
             pool.join()
-    write_dataset_info(out, source="synth", seed=seed, size=size, splits=counts)
+    extra = {"easy_fraction": {"train": easy_fraction}} if easy_fraction and "train" in counts else {}
+    write_dataset_info(out, source="synth", seed=seed, size=size, splits=counts, **extra)
     seconds = time.perf_counter() - t0
     total = sum(counts.values())
     return {"out": str(out), "splits": counts, "seconds": seconds, "rate": total / max(seconds, 1e-9), "stats": stats}

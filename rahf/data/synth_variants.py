@@ -160,9 +160,35 @@ def make_variant(rec: synth.SynthRecord, swap: WordSwap, uid: str) -> Variant:
     return Variant(swap, out, errors, place, new)
 
 
-def record_variants(rec: synth.SynthRecord, n: int, seed: int = 0) -> list[Variant]:
-    """Up to ``n`` exact-labelled variants of ``rec``, picked by :func:`rahf.swaps.pick_swaps` seeded by its uid."""
-    swaps = pick_swaps(synth_swaps(rec), n, swap_rng(rec.uid, seed))
+VARIANT_PICKS = ("random", "balanced")
+
+
+def _error_count(errors: dict[int, set[str]], place: bool) -> int:
+    return sum(len(k) for k in errors.values()) + int(place)
+
+
+def record_variants(rec: synth.SynthRecord, n: int, seed: int = 0, pick: str = "random") -> list[Variant]:
+    """Up to ``n`` exact-labelled variants of ``rec``.
+
+    ``pick="random"``: swaps picked by :func:`rahf.swaps.pick_swaps` seeded by the uid (most swaps
+    add an error). ``pick="balanced"``: a record drawn with an error gets, first, a swap that *fixes*
+    one (the asked word swapped to what was drawn: fewer errors than the record), so its image is
+    seen under a better-fitting prompt too; an aligned record gets error-adding swaps (every swap of
+    an aligned record adds one). With ``n = 1`` the prompts of a scene are then split about evenly
+    between aligned and misaligned, and the image alone cannot say which it is.
+    """
+    if pick not in VARIANT_PICKS:
+        raise ValueError(f"pick must be one of {VARIANT_PICKS}, got {pick!r}")
+    rng = swap_rng(rec.uid, seed)
+    cands = synth_swaps(rec)
+    if pick == "balanced" and (rec.scene.errors or rec.scene.place_error):
+        base = _error_count({g: {k} for g, k in rec.scene.errors.items()}, rec.scene.place_error)
+        fixing = [s for s in cands if _error_count(*exact_errors(rec.scene, _new_spec(rec.scene.spec, s))) < base]
+        first = [fixing[int(i)] for i in rng.permutation(len(fixing))[:n]]
+        rest = pick_swaps([c for c in cands if c not in first], n - len(first), rng)
+        swaps = first + rest
+    else:
+        swaps = pick_swaps(cands, n, rng)
     return [make_variant(rec, s, f"{rec.uid}{VARIANT_SEP}{k + 1}") for k, s in enumerate(swaps)]
 
 
@@ -173,7 +199,8 @@ def regenerate(root: str | Path, split: str, uid: str) -> synth.SynthRecord | No
     prefix = f"synth-{split}-"
     if info.get("source") != "synth" or not uid.startswith(prefix) or not uid[len(prefix):].isdigit():
         return None
-    return synth.make_record(int(info.get("seed", 0)), split, int(uid[len(prefix):]), int(info.get("size", 128)))
+    return synth.make_record(int(info.get("seed", 0)), split, int(uid[len(prefix):]), int(info.get("size", 128)),
+                             float(info.get("easy_fraction", {}).get(split, 0.0)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,21 +210,24 @@ def _encode(rec: synth.SynthRecord, image_png: bytes) -> tuple:
             map_to_png_bytes(rec.implausibility_map), map_to_png_bytes(rec.misalignment_map))
 
 
-def _grouped_rows(task: tuple[int, str, int, int, int]) -> list[tuple]:
-    seed, split, index, size, k = task
-    rec = synth.make_record(seed, split, index, size)
+def _grouped_rows(task: tuple[int, str, int, int, int, str, float]) -> list[tuple]:
+    seed, split, index, size, k, pick, easy = task
+    rec = synth.make_record(seed, split, index, size, easy)
     buf = io.BytesIO()
     rec.image.save(buf, format="PNG")
     png = buf.getvalue()
     rows = [_encode(rec, png)]
-    rows += [_encode(v.record, png) for v in record_variants(rec, k - 1, seed)]
+    rows += [_encode(v.record, png) for v in record_variants(rec, k - 1, seed, pick)]
     return rows
 
 
 def grouped_generate(out: str | Path, split: str, scenes: int, prompts_per_image: int, size: int = 128,
-                     seed: int = 0, workers: int | None = None) -> int:
+                     seed: int = 0, workers: int | None = None, pick: str = "random",
+                     easy_fraction: float = 0.0) -> int:
     """Write ``split`` of a synth dataset at ``out`` with ``scenes`` records, each followed by up to
-    ``prompts_per_image - 1`` exact-labelled variants (same image). Returns the records written.
+    ``prompts_per_image - 1`` exact-labelled variants (same image; ``pick``: see :func:`record_variants`;
+    ``easy_fraction``: see :func:`rahf.data.synth.is_easy`).
+    Returns the records written.
     The scenes are the plain generator's (``synth-<split>-<index>``), so the split's first prompts
     equal a plain synth split's."""
     if prompts_per_image < 1:
@@ -205,7 +235,7 @@ def grouped_generate(out: str | Path, split: str, scenes: int, prompts_per_image
     import os
 
     workers = min(4, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    tasks = [(seed, split, i, size, prompts_per_image) for i in range(scenes)]
+    tasks = [(seed, split, i, size, prompts_per_image, pick, easy_fraction) for i in range(scenes)]
     pool = mp.get_context("fork" if sys.platform.startswith("linux") else None).Pool(workers) if workers > 1 else None
     try:
         rows = pool.imap(_grouped_rows, tasks, chunksize=8) if pool else map(_grouped_rows, tasks)
@@ -224,9 +254,12 @@ def grouped_generate(out: str | Path, split: str, scenes: int, prompts_per_image
     info.setdefault("size", size)
     info["splits"] = {**info.get("splits", {}), split: n}
     info["prompts_per_image"] = {**info.get("prompts_per_image", {}), split: prompts_per_image}
+    info["variant_pick"] = {**info.get("variant_pick", {}), split: pick}
+    if easy_fraction:
+        info["easy_fraction"] = {**info.get("easy_fraction", {}), split: easy_fraction}
     write_dataset_info(out, **info)
     return n
 
 
-__all__ = ["Variant", "VARIANT_SEP", "group_key", "exact_errors", "synth_swaps", "make_variant", "record_variants",
+__all__ = ["VARIANT_PICKS", "Variant", "VARIANT_SEP", "group_key", "exact_errors", "synth_swaps", "make_variant", "record_variants",
            "regenerate", "grouped_generate", "variant_tags", "true_alignment_of"]

@@ -115,10 +115,17 @@ class RAHFCollator:
 
     def __init__(self, tokenizer, max_prompt_tokens: int = 64, max_target_tokens: int = 96,
                  task_prompts: Optional[dict] = None, tasks: Optional[Sequence[str]] = None,
-                 encoder_prompt: str = "clean"):
+                 encoder_prompt: str = "clean", word_tags: bool = False):
         if encoder_prompt not in ENCODER_PROMPTS:
             raise ValueError(f"encoder_prompt must be one of {ENCODER_PROMPTS}, got {encoder_prompt!r}")
         self.tokenizer = tokenizer
+        self.word_tags = word_tags
+        if word_tags and not getattr(tokenizer, "is_fast", False):
+            raise ValueError("per-word tags (model.word_head) need a fast tokenizer (word ids): "
+                             f"{type(tokenizer).__name__} has none; use tokenizer 'words' or a T5 sentencepiece one")
+        if word_tags and encoder_prompt != "clean":
+            raise ValueError("per-word tags (model.word_head) need the encoder to read the clean prompt "
+                             "(model.text.encoder_prompt=clean): its words are the ones tagged")
         self.max_prompt_tokens = max_prompt_tokens
         self.max_target_tokens = max_target_tokens
         self.encoder_prompt = encoder_prompt
@@ -140,7 +147,8 @@ class RAHFCollator:
 
         return cls(model.tokenizer, cfg.text.max_prompt_tokens, cfg.text.max_target_tokens,
                    task_prompts=cfg.task_prompts if aug else None, tasks=TASKS if aug else None,
-                   encoder_prompt=getattr(cfg.text, "encoder_prompt", "clean"))
+                   encoder_prompt=getattr(cfg.text, "encoder_prompt", "clean"),
+                   word_tags=bool(getattr(cfg, "word_head", False)))
 
     def encoder_texts(self, prompts: Sequence[str], originals: Optional[Sequence[Optional[str]]] = None) -> list[str]:
         """What the encoder reads for clean ``prompts`` and their ``originals`` (captions as written;
@@ -154,11 +162,15 @@ class RAHFCollator:
         cut = torch.tensor([n > limit for n in token_counts(self.tokenizer, texts)], dtype=torch.bool)
         return enc, cut
 
-    def tokenize_prompts(self, prompts: list[str], originals: Optional[Sequence[Optional[str]]] = None) -> dict:
+    def tokenize_prompts(self, prompts: list[str], originals: Optional[Sequence[Optional[str]]] = None,
+                         word_ids: bool = False) -> dict:
         """The encoder's inputs for clean ``prompts`` (see :meth:`encoder_texts` for ``originals``);
-        ``prompt_truncated``: (B,) bool, the prompts cut at ``max_prompt_tokens``."""
+        ``prompt_truncated``: (B,) bool, the prompts cut at ``max_prompt_tokens``; with ``word_ids`` also
+        each prompt's token-to-word indices (``word_ids``, for :meth:`word_tag_targets`)."""
         enc, cut = self._encode(self.encoder_texts(prompts, originals), self.max_prompt_tokens)
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "prompt_truncated": cut}
+        if word_ids:
+            out["word_ids"] = [enc.word_ids(i) for i in range(len(prompts))]
         if self.task_ids is not None:
             out["task_ids"], out["task_mask"] = self.task_ids, self.task_mask
         return out
@@ -179,6 +191,24 @@ class RAHFCollator:
         return self.truncation([e["prompt"] for e in entries], [e["tagged_prompt"] for e in entries],
                                [e.get("prompt_raw") for e in entries])
 
+    @staticmethod
+    def word_tag_targets(word_ids: list, prompts: list[str], tagged: list[str], uids: Optional[list] = None) -> torch.Tensor:
+        """(B, L): for each prompt token, 1 if its word is tagged in the tagged prompt, 0 if not, -1 for
+        tokens of no word (padding, end of sequence)."""
+        from ..schema import parse_tagged, split_words
+
+        L = max((len(w) for w in word_ids), default=0)
+        out = torch.full((len(word_ids), L), -1.0)
+        for i, (ids, p, t) in enumerate(zip(word_ids, prompts, tagged)):
+            words, flags = parse_tagged(t)
+            if words != split_words(p):
+                name = uids[i] if uids else f"#{i} of the batch"
+                raise ValueError(f"record {name}: tagged prompt {t!r} does not tag the prompt {p!r} word for word")
+            for j, w in enumerate(ids):
+                if w is not None and w < len(flags):
+                    out[i, j] = float(flags[w])
+        return out
+
     def __call__(self, items: list[dict]) -> dict:
         """A batch of the good items. Skip markers (see :class:`RAHFTorchDataset`) are dropped and listed
         in ``batch["bad_records"]`` as ``{"index", "uid", "problem"}``; if every item is a marker, the
@@ -197,9 +227,13 @@ class RAHFCollator:
         batch["uids"] = [it["uid"] for it in items]
         batch["prompts"] = [it["prompt"] for it in items]
         batch["tagged_prompts"] = [it["tagged_prompt"] for it in items]
-        batch.update(self.tokenize_prompts(batch["prompts"], [it.get("prompt_raw") for it in items]))
+        batch.update(self.tokenize_prompts(batch["prompts"], [it.get("prompt_raw") for it in items],
+                                           word_ids=self.word_tags))
         tgt, batch["target_truncated"] = self._encode(batch["tagged_prompts"], self.max_target_tokens)
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
         batch["labels"] = labels
         batch["tag_token_id"] = self.tag_token_id
+        if self.word_tags:
+            batch["word_tags"] = self.word_tag_targets(batch.pop("word_ids"), batch["prompts"], batch["tagged_prompts"],
+                                                         batch["uids"])
         return batch

@@ -117,6 +117,8 @@ class LossConfig:
     # (grouped batches, rahf.training.grouping), a logistic loss on the difference of predicted
     # alignments, with this weight (0 = off)
     alignment_rank: float = 0.0
+    # weight of the per-word tag loss (binary cross-entropy of the word head, model.word_head=true)
+    word_tags: float = 1.0
 
 
 # Named head styles: both heads, absolute in channels; the output size of every style is patch grid × 16.
@@ -196,6 +198,10 @@ class RAHFConfig:
     # training a non-tiny preset without both pretrained encoders is refused unless this is set
     # (rahf.model.pretrained.check_random_init); loading a trained checkpoint never checks it
     allow_random_init: bool = False
+    # a linear head on the fused prompt-token states that predicts, per prompt token, whether its word
+    # is misaligned (trained with the tags, loss.word_tags): a dense image-text comparison signal for
+    # the encoder (experimental, docs/prompt_reading.md); its logits are returned as ``word_logits``
+    word_head: bool = False
 
     def __post_init__(self):
         found = head_style_of(self.heatmap_head, self.score_head)

@@ -15,7 +15,10 @@ class RAHFLoss(nn.Module):
 
     With ``tag_weight`` != 1 the CE weights the positions whose target is the tag token (``batch
     ["tag_token_id"]``, set by the collator); with ``alignment_rank`` > 0 a pairwise ranking term over
-    records of the same image is added (:meth:`alignment_rank_loss`, key ``rank_loss``).
+    records of the same image is added (:meth:`alignment_rank_loss`, key ``rank_loss``); with a word
+    head (``model.word_head``) the binary cross-entropy of its per-token logits against the word tags
+    (``batch["word_tags"]``: 1 tagged, 0 not, -1 no word) is added with weight ``word_tags``
+    (key ``word_loss``).
     Heatmap MSE is pixel-wise, optionally weighting pixels with ground truth > 0 by
     ``heatmap_positive_weight`` (weighted mean). Returns ``{"loss", "heatmap_loss", "score_loss",
     "text_loss", "<map>_loss", "<score>_loss"}`` (all scalars; ``loss`` is the one to backpropagate).
@@ -54,6 +57,12 @@ class RAHFLoss(nn.Module):
             losses["text_loss"] = losses["score_loss"].new_zeros(())
         losses["loss"] = (self.cfg.heatmap * losses["heatmap_loss"] + self.cfg.score * losses["score_loss"]
                           + self.cfg.text * losses["text_loss"])
+        if getattr(out, "word_logits", None) is not None and "word_tags" in batch:
+            target = batch["word_tags"].to(out.word_logits.device)
+            known = target >= 0
+            bce = F.binary_cross_entropy_with_logits(out.word_logits, target.clamp_min(0).float(), reduction="none")
+            losses["word_loss"] = (bce * known).sum() / known.sum().clamp_min(1)
+            losses["loss"] = losses["loss"] + self.cfg.word_tags * losses["word_loss"]
         if self.cfg.alignment_rank > 0 and batch.get("uids"):
             losses["rank_loss"] = self.alignment_rank_loss(out.scores[:, SCORE_NAMES.index("alignment")].float(),
                                                            batch["scores"][:, SCORE_NAMES.index("alignment")].float(),

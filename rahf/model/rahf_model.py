@@ -34,6 +34,7 @@ class RAHFOutput:
     logits: Optional[torch.Tensor] = None
     encoder_hidden: Optional[torch.Tensor] = field(default=None, repr=False)  # for generation
     encoder_mask: Optional[torch.Tensor] = field(default=None, repr=False)
+    word_logits: Optional[torch.Tensor] = None  # (B, L) per prompt token, when the model has a word head
 
 
 class RAHF(nn.Module):
@@ -70,6 +71,7 @@ class RAHF(nn.Module):
         else:
             self.heatmap_head = HeatmapHead(d, config.heatmap_head)
             self.score_head = ScoreHead(d, self.grid, config.score_head)
+        self.word_head = nn.Linear(d, 1) if config.word_head else None
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -122,12 +124,16 @@ class RAHF(nn.Module):
             heatmaps = dict(zip(MAP_NAMES, maps.split(B)))
             scores = self.score_head(fmap[nm * B:(nm + ns) * B]).view(ns, B).t()  # (B, 4)
             hidden, mask = hidden[(nm + ns) * B:], mask[(nm + ns) * B:]  # the keywords task
+        word_logits = None
+        if self.word_head is not None:  # the prompt tokens are the last L positions in both variants
+            word_logits = self.word_head(hidden[:, -input_ids.shape[1]:]).squeeze(-1).float()  # (B, L)
         logits = None
         if labels is not None:
             dec_in = self.t5._shift_right(labels)
             logits = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
                              decoder_input_ids=dec_in).logits
-        return RAHFOutput(heatmaps=heatmaps, scores=scores, logits=logits, encoder_hidden=hidden, encoder_mask=mask)
+        return RAHFOutput(heatmaps=heatmaps, scores=scores, logits=logits, encoder_hidden=hidden, encoder_mask=mask,
+                          word_logits=word_logits)
 
     @torch.no_grad()
     def generate_ids(self, out: RAHFOutput, max_new_tokens: Optional[int] = None, **kw) -> torch.Tensor:

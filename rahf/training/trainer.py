@@ -67,11 +67,13 @@ def ensure_data(cfg: TrainConfig, accelerator: Accelerator) -> None:
             s = cfg.data.synth
             accelerator.print(f"generating synth data at {root} (train {s.train}, dev {s.dev}, test {s.test}, {s.size} px)")
             grouped = s.prompts_per_image > 1
-            generate(root, train=0 if grouped else s.train, dev=s.dev, test=s.test, size=s.size, seed=s.seed)
+            generate(root, train=0 if grouped else s.train, dev=s.dev, test=s.test, size=s.size, seed=s.seed,
+                     easy_fraction=s.easy_fraction)
             if grouped:  # each training scene under its own prompt and one-word-swap variants (exact labels)
                 from ..data.synth_variants import grouped_generate
 
-                grouped_generate(root, cfg.data.train_split, s.train, s.prompts_per_image, s.size, s.seed)
+                grouped_generate(root, cfg.data.train_split, s.train, s.prompts_per_image, s.size, s.seed,
+                                 pick=s.variant_pick, easy_fraction=s.easy_fraction)
         accelerator.wait_for_everyone()
     elif not present:
         raise FileNotFoundError(f"no dataset at {root} (missing {cfg.data.train_split}/manifest.jsonl); "

@@ -1,0 +1,138 @@
+"""What makes the model read the prompt: balanced counterfactual training data and the word head."""
+
+import math
+
+import pytest
+import torch
+
+from rahf import RAHF, RAHFConfig
+from rahf.data import synth
+from rahf.data import synth_variants as sv
+from rahf.data.torch_data import RAHFCollator
+from rahf.model.loss import RAHFLoss
+from rahf.model.config import LossConfig
+from rahf.model.tokenizer import load_tokenizer
+
+
+def _errors(rec) -> int:
+    return sum(1 for _ in rec.scene.errors) + int(rec.scene.place_error)
+
+
+# ---------------------------------------------------------------------------------------------- balanced variants
+@pytest.fixture(scope="module")
+def records():
+    return [synth.make_record(0, "train", i, 64) for i in range(160)]
+
+
+def test_balanced_pick_fixes_an_error_when_it_can(records):
+    fixed = added = 0
+    for rec in records:
+        base = _errors(rec)
+        fixing = [s for s in sv.synth_swaps(rec)
+                  if sum(map(len, sv.exact_errors(rec.scene, sv._new_spec(rec.scene.spec, s))[0].values()))
+                  + int(sv.exact_errors(rec.scene, sv._new_spec(rec.scene.spec, s))[1]) < base]
+        (v,) = sv.record_variants(rec, 1, pick="balanced") or [None]
+        if v is None:
+            continue
+        n = sum(map(len, v.errors.values())) + int(v.place_error)
+        if base and fixing:  # a record drawn with a fixable error gets a fixing swap
+            assert n < base, (rec.uid, rec.prompt, v.record.prompt)
+            fixed += 1
+        elif not base:  # an aligned record: every swap adds an error
+            assert n > 0 and "_0" in v.record.tagged_prompt
+            added += 1
+    assert fixed >= 30 and added >= 50, (fixed, added)
+
+
+def test_balanced_pick_evens_out_aligned_and_misaligned_prompts(records):
+    def aligned_share(pick):
+        prompts = []
+        for rec in records:
+            prompts.append(rec.tagged_prompt)
+            prompts += [v.record.tagged_prompt for v in sv.record_variants(rec, 1, pick=pick)]
+        return sum("_0" not in p for p in prompts) / len(prompts)
+
+    rand, bal = aligned_share("random"), aligned_share("balanced")
+    # random swaps nearly always add an error; the balanced pick brings the aligned share close to the
+    # plain data's (about half the scenes are drawn as asked)
+    assert bal > rand + 0.08 and bal > 0.33, (rand, bal)
+    with pytest.raises(ValueError, match="pick"):
+        sv.record_variants(records[0], 1, pick="best")
+
+
+def test_balanced_variants_are_deterministic(records):
+    a = [v.record.prompt for r in records[:20] for v in sv.record_variants(r, 2, pick="balanced")]
+    b = [v.record.prompt for r in records[:20] for v in sv.record_variants(r, 2, pick="balanced")]
+    assert a == b
+
+
+# ---------------------------------------------------------------------------------------------- word head
+def test_word_tag_targets_follow_the_word_ids():
+    tok = load_tokenizer("words")
+    prompts = ["there is a big red circle left of two blue squares", "a green star"]
+    tagged = ["there is a big red_0 circle left_0 of_0 two blue squares", "a green star_0"]
+    enc = tok(prompts, padding=True)
+    ids = [enc.word_ids(i) for i in range(2)]
+    t = RAHFCollator.word_tag_targets(ids, prompts, tagged, ["u0", "u1"])
+    assert t.shape == (2, len(ids[0]))
+    for i, (wids, flags) in enumerate(zip(ids, ([0, 0, 0, 0, 1, 0, 1, 1, 0, 0, 0], [0, 0, 1]))):
+        for j, w in enumerate(wids):
+            assert t[i, j] == (-1.0 if w is None else float(flags[w]))
+    assert len([w for w in ids[0] if w == 0]) > 1  # "there" is several pieces: all of them carry its tag
+    with pytest.raises(ValueError, match="u1"):
+        RAHFCollator.word_tag_targets(ids, prompts, [tagged[0], "a green_0 square"], ["u0", "u1"])
+
+
+def test_word_head_needs_a_tokenizer_with_word_ids():
+    with pytest.raises(ValueError, match="fast tokenizer"):
+        RAHFCollator(load_tokenizer("byt5"), word_tags=True)
+
+
+def tiny_model(**kw) -> RAHF:
+    torch.manual_seed(0)
+    cfg = RAHFConfig.preset("tiny", vision={"img_size": 32, "depth": 1}, text={"num_layers": 1, "num_decoder_layers": 1},
+                            word_head=True, **kw)
+    return RAHF(cfg)
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+def test_word_head_reads_the_prompt_tokens_and_trains(variant):
+    model = tiny_model(variant=variant)
+    coll = RAHFCollator.for_model(model)
+    assert coll.word_tags
+    items = []
+    for i, (p, t) in enumerate([("a red circle", "a red_0 circle"), ("two big blue squares left of a star",
+                                                                     "two big blue squares left_0 of_0 a star")]):
+        items.append({"pixel_values": torch.randn(3, 32, 32), "scores": torch.rand(4), "implausibility_map": torch.zeros(model.heatmap_size, model.heatmap_size),
+                      "misalignment_map": torch.zeros(model.heatmap_size, model.heatmap_size), "index": i, "uid": f"u{i}", "prompt": p, "tagged_prompt": t})
+    batch = coll(items)
+    out = model(**{k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask", "labels",
+                                                              "task_ids", "task_mask")})
+    assert out.word_logits.shape == batch["input_ids"].shape == batch["word_tags"].shape
+    # the head reads the prompt-token states: its logits are the linear head applied to them
+    hidden = out.encoder_hidden[:, -batch["input_ids"].shape[1]:]
+    torch.testing.assert_close(out.word_logits, model.word_head(hidden).squeeze(-1))
+    cfg = LossConfig(word_tags=2.5)
+    losses = RAHFLoss(cfg)(out, batch)
+    known = batch["word_tags"] >= 0
+    by_hand = sum(-(math.log(torch.sigmoid(z).item()) if y == 1 else math.log(1 - torch.sigmoid(z).item()))
+                  for z, y in zip(out.word_logits[known], batch["word_tags"][known])) / known.sum().item()
+    assert losses["word_loss"].item() == pytest.approx(by_hand, rel=1e-5)
+    rest = cfg.heatmap * losses["heatmap_loss"] + cfg.score * losses["score_loss"] + cfg.text * losses["text_loss"]
+    assert losses["loss"].item() == pytest.approx((rest + 2.5 * losses["word_loss"]).item(), rel=1e-5)
+    # a few steps on the word loss alone fit the tags: tagged words high, the others low
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        o = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  task_ids=batch.get("task_ids"), task_mask=batch.get("task_mask"))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(o.word_logits[known], batch["word_tags"][known])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = torch.sigmoid(o.word_logits.detach())
+    assert (p[batch["word_tags"] == 1] > 0.7).all() and (p[batch["word_tags"] == 0] < 0.3).all()
+
+
+def test_model_without_word_head_has_none():
+    model = RAHF(RAHFConfig.preset("tiny", vision={"img_size": 32, "depth": 1}))
+    assert model.word_head is None and RAHFCollator.for_model(model).word_tags is False
