@@ -22,4 +22,18 @@ else
   DEFAULTS=(--preset large384 --dtype bf16 --device cpu --batch-size 1 --steps 1 --warmup 0 --threads 0)
 fi
 # later arguments override earlier ones (argparse keeps the last value)
-exec timeout 290 "$PY" benchmarks/train_step.py "${DEFAULTS[@]}" --json "$OUT" "$@"
+timeout 290 "$PY" benchmarks/train_step.py "${DEFAULTS[@]}" --json "$OUT" "$@"
+# FSDP save and resume on one GPU (world size 1 still runs the sharded state-dict code): train 4 steps
+# with a pause after 2 (checkpoint), resume to 4, and export. GPU only; RAHF_SKIP_FSDP_CHECK=1 skips it.
+if [ -z "${RAHF_SKIP_FSDP_CHECK:-}" ] && "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  FSDP_DIR=$(mktemp -d)
+  FSDP_RUN=(-m accelerate.commands.launch --config_file launch/fsdp_8gpu.yaml --num_processes 1 train.py
+            data.root="$FSDP_DIR/data" run.output_dir="$FSDP_DIR" run.name=fsdp tracking.tracker=none
+            model.preset=tiny train.max_steps=4 train.batch_size=8 eval.every=0 eval.test_at_end=false
+            checkpoint.every=0 data.synth.train=64 data.synth.dev=16 data.synth.test=16)
+  echo "FSDP check in $FSDP_DIR: pause at step 2, resume to 4"
+  timeout 600 "$PY" "${FSDP_RUN[@]}" train.stop_after_steps=2
+  timeout 600 "$PY" "${FSDP_RUN[@]}" --resume latest
+  test -f "$FSDP_DIR/fsdp/checkpoints/step_000004/checkpoint.json" && test -f "$FSDP_DIR/fsdp/export/model.safetensors"
+  "$PY" -c "from rahf import RAHF; RAHF.from_pretrained('$FSDP_DIR/fsdp/export'); print('FSDP save/resume/export: ok')"
+fi

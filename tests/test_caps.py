@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from rahf.training.config import resolve_config
 from rahf.training.trainer import Trainer
@@ -48,7 +50,9 @@ def test_time_limit_is_recorded_everywhere(data, tmp_path, capsys):
     assert "done:" not in out
     # what was trained is still checkpointed, evaluated, exported, and its card shows the test metrics
     assert (run / "checkpoints" / "step_000001" / "checkpoint.json").is_file()
-    assert (run / "export" / "model.safetensors").is_file()
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    saved = load_file(str(run / "checkpoints" / "step_000001" / "model.safetensors"))
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
     assert "Measured on split `test`" in (run / "export" / "README.md").read_text()
 
 

@@ -122,11 +122,12 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_identically(data, referen
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "received SIGTERM at step 3: checkpoint written. Resume with the same command plus " \
+    # the signal is seen at the next step's decision (taken together by every process): step 4
+    assert "received SIGTERM at step 4: checkpoint written. Resume with the same command plus " \
            "`--resume latest run.name=term`" in out
     mgr = CheckpointManager(tmp_path / "term" / "checkpoints")
-    assert mgr.latest_step() == 3
-    manifest = json.loads((tmp_path / "term/checkpoints/step_000003/checkpoint.json").read_text())
+    assert mgr.latest_step() == 4
+    manifest = json.loads((tmp_path / "term/checkpoints/step_000004/checkpoint.json").read_text())
     assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "config.json"} <= set(manifest["files"])
     res = Trainer(resolve_config(None, args(data, tmp_path, "term")), resume="latest").train()
     assert res["step"] == 8

@@ -163,12 +163,12 @@ def test_outputs_equal_scorer(served):
     prompts = ["a yellow cat on a red mat", "Two blue squares, one star!", "x y"]
     items = [{"image": b64(png_bytes(a)), "prompt": p} for a, p in zip(arrays, prompts)]
     for decode in ("constrained", "free"):
+        ref = reference(app, arrays, prompts, decode)
         for fmt in ("png", "float"):
             r = post(url, {"items": items, "options": {"outputs": ["scores", "heatmaps", "misaligned_words"],
                                                        "heatmap_format": fmt, "heatmap_size": 16, "decode": decode}})
             assert r.status_code == 200, r.text
             got = r.json()["results"]
-            ref = reference(app, arrays, prompts, decode)
             assert [g["index"] for g in got] == [0, 1, 2]
             for g, e in zip(got, ref):
                 assert g["prompt"] == e.prompt and tuple(g["size"]) == e.size

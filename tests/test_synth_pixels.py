@@ -325,7 +325,7 @@ def check_alignment(rec) -> dict[str, int] | None:
 def forced(errors: dict[int, str], place: bool, artifacts: bool = False):
     """Render with the given errors (and, unless ``artifacts``, none of the random artifacts)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(synth, "_sample_errors", lambda spec, rng: (dict(errors), place))
+        mp.setattr(synth, "_sample_errors", lambda spec, rng, easy=False: (dict(errors), place))
         if not artifacts:
             mp.setattr(synth, "_draw_artifacts", lambda cv, scene, rng: [])
         yield

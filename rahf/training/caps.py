@@ -42,6 +42,10 @@ class TimeLimit:
     def exceeded(self) -> bool:
         return bool(self.minutes) and self.elapsed() > 60 * self.minutes
 
+    def jump(self) -> None:
+        """The ``clock_jump`` fault: count the limit as used up (nothing without a limit)."""
+        self.start -= 60 * self.minutes + 1 if self.minutes else 0
+
     def stop(self, step: int, max_steps: int) -> EarlyStop:
         return EarlyStop("time limit", step, max_steps, f"train.time_limit_minutes={self.minutes:g}")
 

@@ -103,7 +103,8 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUME_TOLERANT = {("data", "num_workers"), ("data", "pin_memory"), ("train", "log_every"), ("tracking",),
                    ("eval", "max_batches"), ("run", "name"), ("train", "threads"), ("checkpoint",),
-                   ("train", "time_limit_minutes"), ("train", "stop_after_steps"), ("eval", "every"),
+                   ("train", "time_limit_minutes"), ("train", "stop_after_steps"),
+                   ("train", "collective_timeout_s"), ("eval", "every"),
                    ("eval", "batch_size"), ("model", "head_style")}  # head_style: a label read off the heads
 
 

@@ -69,6 +69,9 @@ class TrainLoopConfig:
     on_nonfinite: Literal["error", "skip"] = "error"
     time_limit_minutes: float = 0.0  # 0: none; a cap: stop, checkpoint, eval, export, marked stopped_early
     stop_after_steps: int = 0  # 0: none; checkpoint and exit after this step (resume later; schedule unchanged)
+    # several processes: a collective (gradient all-reduce, the per-step decision) waiting longer than this
+    # raises instead of hanging (a rank that died or is stuck)
+    collective_timeout_s: float = 300.0
 
 
 @dataclass
@@ -155,6 +158,8 @@ def check_config(cfg: TrainConfig) -> None:
                     ("train.stop_after_steps", t.stop_after_steps)):
         if v < 0:
             raise ConfigError(f"{name} must be >= 0, got {v}")
+    if t.collective_timeout_s <= 0:
+        raise ConfigError(f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if t.global_batch_size is not None:

@@ -1,8 +1,10 @@
-"""Pieces of the training loop: the resumable data order, the loaders, and stop requests by signal."""
+"""Pieces of the training loop: the resumable data order, the loaders, stop requests by signal, and
+the per-step decision that every process takes together."""
 
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -77,3 +79,55 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+# What a process can meet during an optimizer step that must change what every process does.
+STEP_FLAGS = ("empty_batch", "nonfinite_loss", "nonfinite_grad", "signal", "time_limit")
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """The flags of every process for one optimizer step: ``values[flag]`` holds each rank's value (0:
+    not raised; ``signal``: the signal's number) and ``ranks[flag]`` the ranks that raised it."""
+
+    values: dict
+
+    @property
+    def ranks(self) -> dict:
+        return {name: [r for r, v in enumerate(vals) if v] for name, vals in self.values.items()}
+
+    def who(self, flag: str) -> str:
+        r = self.ranks[flag]
+        return f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
+
+    def action(self, on_nonfinite: str, fp16: bool) -> str:
+        """What the step does, the same on every process:
+
+        * ``"step"``: the optimizer update;
+        * ``"error"`` / ``"skip"`` (``train.on_nonfinite``): a non-finite loss on any rank, or a
+          non-finite gradient norm on any rank without fp16;
+        * ``"scaler"``: fp16 and a non-finite gradient norm (an overflow): the gradient scaler skips
+          the update and lowers its scale; not an error.
+        """
+        if self.ranks["nonfinite_loss"] or (self.ranks["nonfinite_grad"] and not fp16):
+            return "error" if on_nonfinite == "error" else "skip"
+        if self.ranks["nonfinite_grad"]:
+            return "scaler"
+        return "step"
+
+
+def decide_together(local: dict, rank: int, world: int, device=None) -> StepDecision:
+    """Every process's ``local`` flags (names of :data:`STEP_FLAGS`: a bool, or an int such as a signal's
+    number; 0/False when not raised) in one
+    all-reduce (MAX) of a small ``flags × processes`` integer tensor; one process: no collective.
+    Every process must call it once per optimizer step, at the same point."""
+    unknown = set(local) - set(STEP_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown step flags {sorted(unknown)}; known: {STEP_FLAGS}")
+    t = torch.zeros(len(STEP_FLAGS), world, dtype=torch.int32, device=device)
+    for i, name in enumerate(STEP_FLAGS):
+        t[i, rank] = int(local.get(name) or 0)
+    if world > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    rows = t.cpu().tolist()
+    return StepDecision({name: rows[i] for i, name in enumerate(STEP_FLAGS)})

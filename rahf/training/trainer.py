@@ -25,12 +25,13 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, send_to_device, set_seed
 from tqdm.auto import tqdm
 
 from .._extras import require
@@ -48,7 +49,7 @@ from .caps import EarlyStop, TimeLimit, stopped_early_field
 from .checkpoint import CheckpointManager, Checkpointed, atomic_save_pretrained, write_training_info
 from .config import TrainConfig, add_arguments, default_config_path, resolve_config
 from .faults import FAULT_ENV, fault, parse_faults
-from .loop_utils import EpochSampler, StopRequest, make_loader
+from .loop_utils import EpochSampler, StepDecision, StopRequest, decide_together, make_loader
 from .optim import build_optimizer
 from .run_log import RunLog
 from .threads import thread_controller
@@ -96,6 +97,8 @@ class Trainer:
             # tensorboard: RUN_OUTPUT/tensorboard/<run-name>/ (`tensorboard --logdir runs/tensorboard`)
             project_config=ProjectConfiguration(project_dir=cfg.run.output_dir,
                                                 logging_dir=os.path.join(cfg.run.output_dir, "tensorboard")),
+            # several processes: a collective that waits longer raises instead of hanging
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
         )
         acc = self.accelerator
         t = cfg.train
@@ -153,6 +156,14 @@ class Trainer:
                               keep_existing=bool(self.resume))
         self._step_uids: list[str] = []
         self.losses: dict = {}  # the last batch's losses (logged at log steps)
+        self._flags: dict = {}  # this process's flags for the current optimizer step (decide_together)
+        self._nonfinite: Optional[tuple] = None  # where this process met a non-finite value: (what, epoch, batch, uids)
+        self._standin = None  # a one-example batch: the forward pass of an empty micro-batch (several processes)
+        self.decision: Optional[StepDecision] = None  # the last step's decision, common to every process
+        self.took_step = False
+        self.fp16_skipped = 0  # fp16: steps whose update the gradient scaler skipped (an overflow)
+        self._stop: Optional[StopRequest] = None
+        self._limit: Optional[TimeLimit] = None
         self._compute_s = 0.0  # the current optimizer step's computation time so far
         self.train_ds = self.open_split(cfg.data.train_split)
         # token limits are never silent: how many prompts / targets the collator will cut (training.json)
@@ -222,17 +233,23 @@ class Trainer:
         self.model.train()
         paused = False
         with StopRequest() as stop:
+            self._stop, self._limit = stop, limit
             try:
                 while self.step < cfg.train.max_steps:
                     for batch in self.epoch_batches():
-                        if not self.train_batch(batch):
-                            continue  # a micro-batch of an accumulated step, or a skipped step
-                        self.after_step()
-                        if fault("stall", self.step):
-                            self.stall(stop)
-                        if limit.exceeded():
+                        if not self.collectively(self.train_batch, batch):
+                            continue  # a micro-batch of an accumulated step
+                        if self.took_step:  # not a skipped one
+                            self.after_step()
+                            if fault("stall", self.step):
+                                self.stall(stop)
+                        # the time limit and signals, as every process decided together at this step
+                        if self.decision.ranks["time_limit"]:
                             self.stopped_early = limit.stop(self.step, cfg.train.max_steps)
-                        paused = stop.signal is not None or 0 < cfg.train.stop_after_steps <= self.step
+                            if acc.num_processes > 1:
+                                acc.print(f"the time limit was reached on {self.decision.who('time_limit')}: "
+                                          f"every process stops after step {self.step}")
+                        paused = bool(self.decision.ranks["signal"]) or 0 < cfg.train.stop_after_steps <= self.step
                         if paused or self.stopped_early or self.step >= cfg.train.max_steps:
                             break
                     else:  # the epoch ran to its end
@@ -247,7 +264,7 @@ class Trainer:
             acc.print(f"warning: {self.stopped_early.message} ({self.stopped_early.setting}); "
                       f"checkpointing, evaluating and exporting what was trained")
         elif paused:
-            return self.pause(stop.name)
+            return self.pause(self.signal_name())
         return self.finish(limit.elapsed())
 
     def epoch_batches(self):
@@ -264,22 +281,41 @@ class Trainer:
 
     def train_batch(self, batch) -> bool:
         """Forward and backward of one batch under gradient accumulation; at the accumulation boundary the
-        gradient-norm check (clipping) and the optimizer update. Returns whether an optimizer step was taken
-        (not one on a non-finite loss or gradient norm with ``train.on_nonfinite=skip``)."""
+        step's decision (:meth:`end_step`). Returns whether the batch ended an optimizer step, taken or
+        skipped (:attr:`took_step`)."""
         acc = self.accelerator
         t0 = time.perf_counter()
+        if fault("bad_batch", self.step + 1):
+            batch = _spoiled(batch)
         self.bad.pending.extend(batch.get("bad_records") or [])
         with acc.accumulate(self.model):
-            ok = self.forward_backward(batch) if batch["uids"] else True  # else every record was bad
-            ok = ok and (not acc.sync_gradients or self.gradients_ok(batch))
-            if ok:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            if batch["uids"]:
+                self.forward_backward(batch)
+            else:  # every record was bad
+                self._flags["empty_batch"] = True
+                if acc.num_processes > 1:
+                    self.join_backward()
+            boundary = acc.sync_gradients
+            if boundary:
+                self.took_step = self.end_step()
         self.batch_in_epoch += 1
         self._compute_s += time.perf_counter() - t0
-        return ok and acc.sync_gradients
+        return boundary
 
-    def forward_backward(self, batch) -> bool:
+    def collectively(self, fn, *args):
+        """``fn(*args)``; with several processes, a collective that fails (``train.collective_timeout_s``
+        passed: another process died or is stuck) raises an error naming this rank and the step."""
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            acc = self.accelerator
+            if acc.num_processes == 1 or isinstance(e, FloatingPointError):
+                raise
+            raise RuntimeError(f"rank {acc.process_index}: a collective of step {self.step + 1} failed; another "
+                               f"process died or is stuck (train.collective_timeout_s="
+                               f"{self.cfg.train.collective_timeout_s:g} s): {e}") from e
+
+    def forward_backward(self, batch) -> None:
         acc = self.accelerator
         with acc.autocast():
             out = self.model(**model_inputs(batch))
@@ -287,41 +323,115 @@ class Trainer:
         loss = self.losses["loss"]
         if fault("nan_loss", self.step + 1):
             loss = loss * float("nan")
-        if not torch.isfinite(loss):
-            return self.skip_nonfinite("loss", batch)
+        if not torch.isfinite(loss):  # decided at the step's end, together; meanwhile join the all-reduce
+            self._flags["nonfinite_loss"] = True
+            self._nonfinite = self._nonfinite or ("loss", self.epoch, self.batch_in_epoch, list(batch["uids"]))
+            loss = self.zero_loss()
         acc.backward(loss)
         self._step_uids.extend(batch["uids"])
-        return True
 
-    def gradients_ok(self, batch) -> bool:
-        """Clip (``optim.grad_clip``) or just measure the gradient norm; a non-finite one skips or stops."""
+    def zero_loss(self) -> torch.Tensor:
+        """A loss whose gradient is zero for every trained parameter: a process with nothing to add
+        still runs the backward pass, so that it joins the gradient all-reduce of the others."""
+        return torch.stack([p.sum() for p in self.model.parameters() if p.requires_grad]).sum() * 0.0
+
+    def join_backward(self) -> None:
+        """An empty micro-batch on one of several processes: the forward pass of a stand-in example (the
+        forward's collectives) and a zero-loss backward (the gradient all-reduce); it adds no gradient,
+        as an empty micro-batch adds none on one process."""
+        acc = self.accelerator
+        if self._standin is None:
+            for i in range(len(self.train_ds)):
+                b = self.collate([self.train_ds[i]])
+                if b["uids"]:
+                    self._standin = send_to_device(b, acc.device)
+                    break
+            else:
+                raise DataError(None, "no record of the training split loads", f"split {self.cfg.data.train_split!r}")
+        with acc.autocast():
+            self.model(**model_inputs(self._standin))
+        acc.backward(self.zero_loss())
+
+    def grad_norm(self) -> Optional[torch.Tensor]:
+        """Clip (``optim.grad_clip``) or just measure the gradient norm (fp16: after unscaling)."""
         acc, cfg = self.accelerator, self.cfg
         if fault("nan_grad", self.step + 1):
             g = next((p.grad for p in self.model.parameters() if p.grad is not None), None)
             if g is not None:
                 g.view(-1)[0] = float("nan")
-        gnorm = None
-        if cfg.optim.grad_clip > 0:
-            gnorm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        elif cfg.train.mixed_precision != "fp16":  # fp16: the grad scaler skips such steps
-            gnorm = acc.clip_grad_norm_(self.model.parameters(), float("inf"))  # measures only
-        if gnorm is not None and not torch.isfinite(gnorm):
-            return self.skip_nonfinite("gradient norm", batch)
-        fault("mid_step", self.step + 1)
+        return acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+
+    def end_step(self) -> bool:
+        """The accumulation boundary: this process's flags (an empty micro-batch, a non-finite loss or
+        gradient norm, a signal, the time limit) go into one all-reduce, and every process takes the
+        same branch: update, skip (``train.on_nonfinite=skip``), raise (``error``), or let the fp16
+        gradient scaler skip an overflow. Returns whether the step counts (not a skipped one)."""
+        acc, cfg = self.accelerator, self.cfg
+        if not self._flags.get("nonfinite_loss"):
+            gnorm = self.grad_norm()
+            if gnorm is not None and not torch.isfinite(gnorm):
+                self._flags["nonfinite_grad"] = True
+                self._nonfinite = ("gradient norm", self.epoch, self.batch_in_epoch, list(self._step_uids))
+            fault("mid_step", self.step + 1)
+        if self._limit is not None and fault("clock_jump", self.step + 1):
+            self._limit.jump()
+        flags, self._flags = self._flags, {}
+        flags["signal"] = self._stop.signal if self._stop is not None and self._stop.signal is not None else 0
+        flags["time_limit"] = self._limit is not None and self._limit.exceeded()
+        d = self.decision = decide_together(flags, acc.process_index, acc.num_processes, acc.device)
+        nonfinite, self._nonfinite = self._nonfinite, None
+        if d.ranks["empty_batch"] and acc.num_processes > 1:
+            self.log.metrics({"split": "train", "step": self.step + 1, "empty_batch_ranks": d.ranks["empty_batch"]})
+        fp16 = acc.scaler is not None  # mixed_precision=fp16 with a gradient scaler (not on CPU)
+        action = d.action(cfg.train.on_nonfinite, fp16=fp16)
+        if action in ("error", "skip"):
+            return self.skip_nonfinite(d, nonfinite)
+        if action == "scaler" and not flags.get("nonfinite_grad"):
+            # another rank overflowed: skip here too and lower the scale alike
+            scaler = acc.scaler
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            skipped = True
+        else:
+            self.optimizer.step()
+            skipped = fp16 and self.optimizer.step_was_skipped
+        self.optimizer.zero_grad(set_to_none=True)
+        if skipped:  # the step counts (as the schedule does), its update was not made
+            self.fp16_skipped += 1
+            where = f" on {d.who('nonfinite_grad')}" if d.ranks["nonfinite_grad"] else ""
+            acc.print(f"step {self.step + 1}: fp16 gradient overflow{where}; the gradient scaler skipped the update "
+                      f"and lowered its scale ({self.fp16_skipped} so far)")
+            self.log.metrics({"split": "train", "step": self.step + 1, "train/fp16_skipped": self.fp16_skipped})
         return True
 
-    def skip_nonfinite(self, what: str, batch) -> bool:
-        """``train.on_nonfinite``: ``error`` raises FloatingPointError naming the step and the batch;
-        ``skip`` drops the step's gradients and logs it. Returns False (no update)."""
-        msg = (f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch}); "
-               f"batch uids: {list(batch['uids'])}")
+    def skip_nonfinite(self, d: StepDecision, nonfinite: Optional[tuple]) -> bool:
+        """``train.on_nonfinite``: ``error`` raises FloatingPointError naming the step, the rank(s) and (on
+        a rank that met it) the batch; ``skip`` drops the step's gradients on every rank and logs it.
+        Returns False (no update)."""
+        flag = "nonfinite_loss" if d.ranks["nonfinite_loss"] else "nonfinite_grad"
+        what = "loss" if flag == "nonfinite_loss" else "gradient norm"
+        msg = f"non-finite {what} at step {self.step + 1}"
+        if self.accelerator.num_processes > 1:
+            msg += f" on {d.who(flag)}"
+        if nonfinite is not None and nonfinite[0] == what:
+            _, epoch, batch_index, uids = nonfinite
+            msg += f" (epoch {epoch}, batch {batch_index}); batch uids: {uids}"
         if self.cfg.train.on_nonfinite == "error":
             raise FloatingPointError(msg)
         self.accelerator.print("skipping step: " + msg)
-        self.log.metrics({"split": "train", "step": self.step, "skipped_nonfinite": msg})
+        self.log.metrics({"split": "train", "step": self.step, "skipped_nonfinite": msg, "ranks": d.ranks[flag]})
         self.optimizer.zero_grad(set_to_none=True)
         self._step_uids = []
         return False
+
+    def signal_name(self) -> Optional[str]:
+        """The signal that paused the run (any rank's), e.g. ``SIGTERM``; None if none did."""
+        d = self.decision
+        if d is None or not d.ranks["signal"]:
+            return None
+        import signal
+
+        name = signal.Signals(max(d.values["signal"])).name
+        return name if self.accelerator.num_processes == 1 else f"{name} on {d.who('signal')}"
 
     def after_step(self) -> None:
         """An optimizer step was taken: schedule, count, log, evaluate and checkpoint when due."""
@@ -580,6 +690,13 @@ class Trainer:
                 acc.print(f"done: {done}")
         acc.end_training()
         return result
+
+
+def _spoiled(batch: dict) -> dict:
+    """The ``bad_batch`` fault: the batch as if none of its records had loaded."""
+    bad = list(batch.get("bad_records") or [])
+    bad += [{"uid": u, "where": u, "problem": f"{FAULT_ENV}: bad_batch"} for u in batch["uids"]]
+    return {"uids": [], "bad_records": bad, "empty": True}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
