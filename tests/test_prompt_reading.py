@@ -136,3 +136,56 @@ def test_word_head_reads_the_prompt_tokens_and_trains(variant):
 def test_model_without_word_head_has_none():
     model = RAHF(RAHFConfig.preset("tiny", vision={"img_size": 32, "depth": 1}))
     assert model.word_head is None and RAHFCollator.for_model(model).word_tags is False
+
+
+# ---------------------------------------------------------------------------------------------- curriculum
+def test_curriculum_sampler_draws_the_scheduled_share_of_easy_records():
+    from rahf.training.curriculum import CurriculumEpochSampler
+
+    easy = [i % 4 == 0 for i in range(200)]  # 50 easy, 150 full
+    s = CurriculumEpochSampler(easy, [1.0, 0.5, 0.2], seed=3)
+    for epoch, share in [(0, 1.0), (1, 0.5), (2, 0.2), (5, 0.2)]:
+        s.set_epoch(epoch)
+        order = list(s)
+        assert len(order) == len(s) == 200
+        assert sum(easy[i] for i in order) == round(share * 200), epoch
+        if share == 1.0:  # 200 draws from 50 easy records: each exactly 4 times
+            assert sorted(order) == sorted([i for i in range(200) if easy[i]] * 4)
+        else:  # the full pool (150 records) is drawn without repeats while it lasts
+            full = [i for i in order if not easy[i]]
+            assert len(set(full)) == min(len(full), 150)
+        s2 = CurriculumEpochSampler(easy, [1.0, 0.5, 0.2], seed=3)
+        s2.set_epoch(epoch)
+        assert list(s2) == order  # depends only on (seed, epoch): a resumed run draws the same
+    s.set_epoch(1)
+    other = CurriculumEpochSampler(easy, [1.0, 0.5, 0.2], seed=4)
+    other.set_epoch(1)
+    assert list(other) != list(s)
+    with pytest.raises(ValueError, match="shares"):
+        CurriculumEpochSampler(easy, [1.5], seed=0)
+    with pytest.raises(ValueError, match="pool"):
+        CurriculumEpochSampler([False] * 10, [0.5], seed=0)
+
+
+def test_easy_indices_follow_the_generator(tmp_path):
+    from rahf.data.synth_variants import grouped_generate
+    from rahf.training.curriculum import easy_indices
+
+    synth.generate(tmp_path, train=0, dev=4, test=0, size=32, seed=2)
+    grouped_generate(tmp_path, "train", 24, 2, size=32, seed=2, pick="balanced", easy_fraction=0.5, workers=1)
+    from rahf.data import open_dataset
+
+    split = open_dataset(tmp_path, "train")
+    uids = [e["uid"] for e in split.entries]
+    flags = easy_indices(str(tmp_path), "train", uids)
+    assert 4 <= sum(flags) <= len(flags) - 4
+    for u, f, e in zip(uids, flags, split.entries):
+        # an easy record's prompt names one object: exactly one colour word and one shape word
+        words = e["prompt"].lower().split()
+        colours = [w for w in words if w in synth.COLOURS]
+        assert (len(colours) == 1) if f else True, (u, e["prompt"])
+        assert f == synth.is_easy(2, "train", int(u.split("~")[0].rsplit("-", 1)[1]), 0.5)
+    assert sum(len([w for w in e["prompt"].lower().split() if w in synth.COLOURS]) > 1
+               for e, f in zip(split.entries, flags) if not f) > 0  # full scenes have several groups
+    with pytest.raises(ValueError, match="easy scenes"):
+        easy_indices(str(tmp_path), "dev", [])

@@ -31,6 +31,10 @@ class DataConfig:
     # shuffle the train split by image (records "<uid>~<k>" next to "<uid>"), so a batch holds an image
     # under all its prompts (rahf.training.grouping); on by default when synth.prompts_per_image > 1
     group_variants: Optional[bool] = None
+    # the share of easy (one-object) records per epoch, the last value kept (e.g. [1.0, 1.0, 0.5, 0.3]);
+    # empty: off. Needs a synth train split with easy scenes (data.synth.easy_fraction > 0);
+    # rahf.training.curriculum
+    curriculum: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -173,7 +173,13 @@ class Trainer:
         self.eval_ds = (self.open_split(cfg.data.eval_split, stored_maps=True)
                         if (Path(cfg.data.root) / cfg.data.eval_split).is_dir() else None)
         group = cfg.data.group_variants
-        if group or (group is None and cfg.data.synth.prompts_per_image > 1):  # an image's prompts in one batch
+        if cfg.data.curriculum:  # easy scenes first (rahf.training.curriculum)
+            from .curriculum import CurriculumEpochSampler, easy_indices
+
+            uids = [e["uid"] for e in self.train_ds.split.entries]
+            self.sampler = CurriculumEpochSampler(easy_indices(cfg.data.root, cfg.data.train_split, uids),
+                                                  cfg.data.curriculum, cfg.train.seed)
+        elif group or (group is None and cfg.data.synth.prompts_per_image > 1):  # an image's prompts in one batch
             from .grouping import GroupedEpochSampler, group_indices
 
             self.sampler = GroupedEpochSampler(group_indices([e["uid"] for e in self.train_ds.split.entries]),
