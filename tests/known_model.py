@@ -22,13 +22,14 @@ HIGH, LOW = 3.0, -3.0  # logits of the marked edge and of the rest
 
 
 def tiny_config(**overrides) -> RAHFConfig:
-    """A very small model: 32 px images (2×2 patches of 16), one layer per stack, narrow heads."""
+    """A very small model: 32 px images (2×2 patches of 16), one layer per stack, narrow heads. Section
+    overrides (``text={"tokenizer": "byt5"}``) update those sections; other keys (``variant``) are set."""
     cfg = {"vision": {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2},
            "text": {"d_model": 32, "d_kv": 8, "d_ff": 32, "num_heads": 4, "num_layers": 1, "num_decoder_layers": 1},
            "heatmap_head": {"stem_channels": [8], "up_channels": [8, 8], "final_channels": 8, "upsample": 2},
            "score_head": {"channels": [8], "mlp": [8]}}
     for k, v in overrides.items():
-        cfg[k] = {**cfg.get(k, {}), **v}
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return RAHFConfig.preset("tiny", **cfg)
 
 

@@ -238,6 +238,7 @@ def test_grouped_generation_and_sampler(tmp_path):
     assert list(s) != order or len(groups) < 3
 
 
+@pytest.mark.slow
 def test_train_with_several_prompts_per_image(tmp_path):
     root = tmp_path / "data"
     cmd = [sys.executable, str(ROOT / "train.py"),
@@ -272,13 +273,14 @@ def test_alignment_rank_loss_orders_prompts_of_one_image():
 def test_tag_weight_and_rank_loss_in_the_training_loss(synth_root):
     import torch
 
-    from rahf import RAHF, RAHFConfig
+    from known_model import tiny_config
+    from rahf import RAHF
     from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset
     from rahf.model.loss import RAHFLoss
 
     torch.manual_seed(0)
-    model = RAHF(RAHFConfig.preset("tiny"))
-    ds = RAHFTorchDataset(open_dataset(synth_root, "train"), 128, model.heatmap_size)
+    model = RAHF(tiny_config())
+    ds = RAHFTorchDataset(open_dataset(synth_root, "train"), model.config.vision.img_size, model.heatmap_size)
     items = [ds[i] for i in range(16)]
     batch = RAHFCollator.for_model(model)(items)
     assert batch["tag_token_id"] == model.tokenizer.convert_tokens_to_ids("_0")
@@ -287,8 +289,19 @@ def test_tag_weight_and_rank_loss_in_the_training_loss(synth_root):
     cfg = model.config.loss
     plain = RAHFLoss(cfg)(out, batch)
     weighted = RAHFLoss(type(cfg)(**{**cfg.__dict__, "tag_weight": 5.0, "alignment_rank": 1.0}))(out, batch)
-    assert weighted["text_loss"] != plain["text_loss"] and "rank_loss" in weighted and "rank_loss" not in plain
+    # by hand: each label position's cross-entropy, the collator's tag positions weighted 5
+    logits, labels = out.logits.detach().float().flatten(0, 1), batch["labels"].flatten()
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    w = (labels != -100).float() * torch.where(labels == batch["tag_token_id"], 5.0, 1.0)
+    assert plain["text_loss"].item() == pytest.approx(ce[labels != -100].mean().item(), rel=1e-5)
+    assert weighted["text_loss"].item() == pytest.approx(((ce * w).sum() / w.sum()).item(), rel=1e-5)
+    assert "rank_loss" in weighted and "rank_loss" not in plain
+    # the rank term over pairs of one image ("x" and the "y~k" variants): softplus(-20 (a_i - a_j)) for every
+    # pair whose alignment label i exceeds j's by at least 0.05
     batch["uids"] = ["x"] * 8 + [f"y~{k}" for k in range(8)]
     grouped = RAHFLoss(type(cfg)(**{**cfg.__dict__, "alignment_rank": 1.0}))(out, batch)
-    assert grouped["rank_loss"] > 0
+    a, t = out.scores[:, 1].detach().double(), batch["scores"][:, 1].double()
+    terms = [torch.nn.functional.softplus(-20 * (a[i] - a[j])) for i in range(16) for j in range(16)
+             if i // 8 == j // 8 and t[i] - t[j] >= 0.05]
+    assert terms and grouped["rank_loss"].item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
     grouped["loss"].backward()

@@ -6,13 +6,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rahf import RAHF, RAHFConfig, RAHFScorer
+from rahf import RAHF, RAHFScorer
 from rahf.eval.scorer import to_pil
 from rahf.model.config import MAP_NAMES, SCORE_NAMES
 from rahf.data.format import open_dataset, parse_tagged, split_words
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset
 from rahf.model.decoding import constrained_tag_flags, constrained_tagging
 from rahf.eval.predict import DEFAULT_DECODE, decode_tagged, predict_batch
+
+from known_model import tiny_config
 
 PROMPTS = ["a yellow cat on a red mat", "Zebra!! qux foo_bar 42", "x", "the   blue, square; and: one?",
            "supercalifragilistic wordsthatarenotinthevocabulary x_1 tags", ""]
@@ -88,8 +90,11 @@ def test_inputs_shapes_and_ranges(scorer, tmp_path):
     assert two[0].tagged_prompt is None and two[0].misaligned_words == []
     with pytest.raises(ValueError):
         scorer.score([pil, pil, pil], ["a", "b"])
+    # decode="free" is the model's greedy generation, not the constrained decoding
     free = scorer.score(pil, "a cat", decode="free")
-    assert isinstance(free[0].tagged_prompt, str)
+    out = scorer.forward([pil], ["a cat"])
+    assert free[0].tagged_prompt == decode_tagged(scorer.model, out, ["a cat"], "free")[0]
+    assert free[0].tagged_prompt != decode_tagged(scorer.model, out, ["a cat"], "constrained")[0]
 
 
 def test_bf16_autocast_runs(ckpt):
@@ -129,19 +134,19 @@ def _check_exact_words(model, prompts):
 
 def test_constrained_returns_exactly_the_prompt_words():
     torch.manual_seed(1)
-    model = RAHF(RAHFConfig.preset("tiny")).eval()
+    model = RAHF(tiny_config()).eval()
     _check_exact_words(model, PROMPTS)
 
 
 def test_constrained_multi_token_tag_byt5():
     """With a byte tokenizer ``_0`` is two tokens and words are many: the general path."""
     torch.manual_seed(0)
-    model = RAHF(RAHFConfig.preset("tiny", text={"tokenizer": "byt5"})).eval()
+    model = RAHF(tiny_config(text={"tokenizer": "byt5"})).eval()
     _, margins = _check_exact_words(model, PROMPTS[:4])
     assert all(np.isfinite(m) for ms in margins for m in ms)
 
 
 def test_constrained_augmented_prompt_variant():
     torch.manual_seed(0)
-    model = RAHF(RAHFConfig.preset("tiny", variant="augmented_prompt")).eval()
+    model = RAHF(tiny_config(variant="augmented_prompt")).eval()
     _check_exact_words(model, PROMPTS[:3])
