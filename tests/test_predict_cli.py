@@ -4,17 +4,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from rahf import RAHF, RAHFConfig, RAHFScorer
+from rahf import RAHFScorer
 from rahf.cli import main
 from rahf.model.config import MAP_NAMES, SCORE_NAMES
 from rahf.cli.predict import read_manifest
 from rahf.reward.masks import heatmap_to_mask
 from rahf.reward.select import select_best
-
-
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,14 @@
   backbone's mean/std, RGB channel order — and the dataset and the scorer agree exactly.
 * Outputs: a model whose score heads end in a known bias and whose heatmap heads end in a known
   pattern must give those scores, and those maps (upsampled in the head, then to the image's own
-  size), through the scorer, ``rahf predict`` and the evaluation loop.
+  size), through the scorer, ``rahf predict``, the evaluation loop and the eval report (the model is
+  ``known_model.py``'s).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from rahf.data.format import SplitWriter, open_dataset, write_dataset_info
 from rahf.data.torch_data import RAHFCollator, RAHFTorchDataset, image_to_tensor, resize_map
 from rahf.schema import SCORE_NAMES, load_image
 
-from known_model import SET_SCORES, at_size, model_map, tiny_config
+from known_model import SET_SCORES, at_size, known_maps, model_map, tiny_config
 
 A, B = (200, 100, 50), (10, 20, 240)  # two colours whose channels all differ (an RGB/BGR swap shows)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -201,3 +203,39 @@ def test_predict_cli_and_evaluation_report_the_known_values(known_ckpt, handmade
     for s in SCORE_NAMES:
         assert metrics[f"loss/{s}_loss"] == pytest.approx(per_score[s], abs=1e-5), s
     assert metrics["loss/score_loss"] == pytest.approx(sum(per_score.values()), abs=1e-5)
+
+
+def test_eval_report_shows_the_known_values(known_ckpt, tmp_path):
+    """The eval report of the hand-set model: the MSE and CC it prints are those of the known maps against
+    each record's ground truth, the PLCC of its constant scores is n/a with the reason, and the grids rank
+    the record whose ground truth lies on the left edge (where the model marks) first."""
+    from rahf.eval.evaluate import run_evaluation
+    from rahf.eval.report import write_eval_report
+
+    model, _ = known_ckpt
+    h, w = 40, 60
+    left, right = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+    left[:, :6], right[:, -6:] = 1.0, 1.0
+    with SplitWriter(tmp_path, "test") as sw:
+        for uid, gt in (("on-the-left", left), ("on-the-right", right), ("nothing", np.zeros_like(left))):
+            sw.add(uid, "a red circle", "a red circle", dict(zip(SCORE_NAMES, (0.5,) * 4)),
+                   Image.new("RGB", (w, h), (128, 128, 128)), gt, np.zeros_like(gt))
+    write_dataset_info(tmp_path, source="handmade")
+    v = model.config.vision
+    ds = RAHFTorchDataset(open_dataset(tmp_path, "test"), v.img_size, None, v.mean, v.std)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=RAHFCollator.for_model(model))
+    ev = run_evaluation(model, loader, decode=None, examples=True, keep_maps=3)
+    page = write_eval_report(ev, ds, tmp_path / "report", n_show=1).read_text()
+    want = known_maps(model, h, w)["implausibility"]
+    cc = {uid: np.corrcoef(want.ravel(), gt.ravel())[0, 1] for uid, gt in (("on-the-left", left), ("on-the-right", right))}
+    assert cc["on-the-left"] > 0.5 > 0 > cc["on-the-right"]
+    for uid in cc:  # each grid card names its record and the CC worked out here
+        assert f"uid {uid} · implausibility CC {cc[uid]:.3f}" in page
+    best, worst = page.index("Best by implausibility CC"), page.index("Worst by implausibility CC")
+    assert best < page.index("uid on-the-left") < worst < page.index("uid on-the-right")
+    # the heatmap table: MSE over the three maps, CC over the two non-empty ones
+    mse = np.mean([((want - gt) ** 2).mean() for gt in (left, right, np.zeros_like(left))])
+    row = re.search(r"<tr><td>implausibility</td>(.*?)</tr>", page).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert cells[0] == f"{mse:.5f}" and cells[2] == f"{np.mean(list(cc.values())):.3f}"
+    assert "n/a (constant predictions" in page  # the score PLCCs of a model that ignores its input
