@@ -156,21 +156,26 @@ class RAHFCollator:
         originals = list(originals) if originals is not None else [None] * len(prompts)
         return [encoder_prompt(p, o, self.encoder_prompt) for p, o in zip(prompts, originals)]
 
-    def _encode(self, texts: list[str], limit: int) -> tuple[dict, torch.Tensor]:
-        """Tokenized, padded and cut at ``limit``; and (B,) bool: which texts were longer."""
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        cut = torch.tensor([n > limit for n in token_counts(self.tokenizer, texts)], dtype=torch.bool)
-        return enc, cut
+    def _encode(self, texts: list[str], limit: int) -> tuple[dict, torch.Tensor, list]:
+        """Tokenized, padded and cut at ``limit``; (B,) bool: which texts were longer; and each text's
+        token-to-word indices (fast tokenizers; else None). Texts are tokenized once; only a batch
+        holding a text over the limit is tokenized again, with the tokenizer's own truncation."""
+        full = self.tokenizer(texts)
+        cut = torch.tensor([len(ids) > limit for ids in full["input_ids"]], dtype=torch.bool)
+        if bool(cut.any()):
+            full = self.tokenizer(texts, truncation=True, max_length=limit)
+        word_ids = [full.word_ids(i) for i in range(len(texts))] if getattr(self.tokenizer, "is_fast", False) else None
+        return self.tokenizer.pad(full, return_tensors="pt"), cut, word_ids
 
     def tokenize_prompts(self, prompts: list[str], originals: Optional[Sequence[Optional[str]]] = None,
                          word_ids: bool = False) -> dict:
         """The encoder's inputs for clean ``prompts`` (see :meth:`encoder_texts` for ``originals``);
         ``prompt_truncated``: (B,) bool, the prompts cut at ``max_prompt_tokens``; with ``word_ids`` also
         each prompt's token-to-word indices (``word_ids``, for :meth:`word_tag_targets`)."""
-        enc, cut = self._encode(self.encoder_texts(prompts, originals), self.max_prompt_tokens)
+        enc, cut, ids = self._encode(self.encoder_texts(prompts, originals), self.max_prompt_tokens)
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "prompt_truncated": cut}
         if word_ids:
-            out["word_ids"] = [enc.word_ids(i) for i in range(len(prompts))]
+            out["word_ids"] = ids
         if self.task_ids is not None:
             out["task_ids"], out["task_mask"] = self.task_ids, self.task_mask
         return out
@@ -229,7 +234,7 @@ class RAHFCollator:
         batch["tagged_prompts"] = [it["tagged_prompt"] for it in items]
         batch.update(self.tokenize_prompts(batch["prompts"], [it.get("prompt_raw") for it in items],
                                            word_ids=self.word_tags))
-        tgt, batch["target_truncated"] = self._encode(batch["tagged_prompts"], self.max_target_tokens)
+        tgt, batch["target_truncated"], _ = self._encode(batch["tagged_prompts"], self.max_target_tokens)
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
         batch["labels"] = labels
         batch["tag_token_id"] = self.tag_token_id
