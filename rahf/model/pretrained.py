@@ -164,12 +164,18 @@ def t5_state_dict(t5, spec: str) -> dict:
         raise PretrainedMismatchError(f"{source}: its lm_head.weight is not its shared embedding, but its config "
                                       f"says tie_word_embeddings (T5 v1.0 style)")
     mine = t5.state_dict()
-    msg = mismatch_message(source, mine.keys() - sd.keys(), sd.keys() - mine.keys(),
-                           [(k, sd[k].shape, mine[k].shape) for k in sd.keys() & mine.keys()
-                            if sd[k].shape != mine[k].shape])
+    check_same_tensors(source, mine, sd)
+    return sd
+
+
+def check_same_tensors(source: str, mine: dict, theirs: dict) -> None:
+    """Raise :class:`PretrainedMismatchError` naming every key missing from ``theirs``, every extra key
+    and every shape that differs between the two state dicts."""
+    msg = mismatch_message(source, mine.keys() - theirs.keys(), theirs.keys() - mine.keys(),
+                           [(k, theirs[k].shape, mine[k].shape) for k in theirs.keys() & mine.keys()
+                            if theirs[k].shape != mine[k].shape])
     if msg:
         raise PretrainedMismatchError(msg)
-    return sd
 
 
 # ----------------------------------------------------------------------------- ViT
@@ -307,11 +313,7 @@ def vit_state_dict(vit, source: VisionSource, allow_resize: bool = False) -> dic
                                              antialias=True, verbose=False)
         log.warning("%s resized from img_size=%d, patch_size=%d to %d, %d", what, ckpt_img, ckpt_patch, model_img,
                     model_patch)
-    msg = mismatch_message(what, mine.keys() - sd.keys(), sd.keys() - mine.keys(),
-                           [(k, sd[k].shape, mine[k].shape) for k in sd.keys() & mine.keys()
-                            if sd[k].shape != mine[k].shape])
-    if msg:
-        raise PretrainedMismatchError(msg)
+    check_same_tensors(what, mine, sd)
     return sd
 
 
