@@ -139,6 +139,12 @@ def run_eval(args: argparse.Namespace) -> int:
               f"checkpoint {args.checkpoint}, decoding {st['decode']}"
               + (f" (+ {st['decode_also']} as keyword_{st['decode_also']}/...)" if st["decode_also"] else ""))
         print(ev.tables())
+        cut = {k: int(ev.metrics.get(f"count/truncated_{k}s", 0)) for k in ("prompt", "target")}
+        if any(cut.values()):
+            print(f"warning: {cut['prompt']} prompt(s) cut at model.text.max_prompt_tokens="
+                  f"{cfg.text.max_prompt_tokens} and {cut['target']} tagged prompt(s) cut at "
+                  f"max_target_tokens={cfg.text.max_target_tokens}; their keywords and alignment see only the "
+                  "kept tokens (count/truncated_* in the metrics)", file=sys.stderr)
         if cf != 0:
             from ..eval.counterfactual import format_counterfactual
 
