@@ -31,6 +31,8 @@ TAG = "_0"
 MAX_PROMPT_CHARS = 2048  # longer prompts are bad records (the text encoder truncates far earlier)
 MIN_IMAGE_SIDE = 8  # smaller images are bad records
 BAD_RECORD_POLICIES = ("error", "skip")
+DECODE_MODES: tuple[str, ...] = ("constrained", "free", "word_head")
+"""How the tagged prompt is made (:mod:`rahf.eval.predict`); ``"none"`` / None: not at all."""
 
 # Word rule: split the caption on any of , . ? ! " : ; and whitespace, dropping empty strings.
 _WORD_SPLIT = re.compile(r'[,.?!":;\s]+')

@@ -12,6 +12,8 @@ from rahf.data.torch_data import RAHFCollator
 from rahf.model.loss import RAHFLoss
 from rahf.model.config import LossConfig
 from rahf.model.tokenizer import load_tokenizer
+from rahf.model.decoding import word_head_tag_flags, word_head_tagging
+from rahf.eval.predict import decode_tagged
 
 
 def _errors(rec) -> int:
@@ -143,6 +145,47 @@ def test_word_head_trains(variant):
         opt.step()
     p = torch.sigmoid(o.word_logits.detach())
     assert (p[batch["word_tags"] == 1] > 0.7).all() and (p[batch["word_tags"] == 0] < 0.3).all()
+    # the word_head decoding reads the tags back off the fitted head
+    assert decode_tagged(model, o, batch["prompts"], "word_head") == batch["tagged_prompts"]
+
+
+def test_word_head_decoding_tags_words_by_their_highest_token_probability():
+    model, batch = _word_batch("multi_head")
+    out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    prompts = ["there is a red circle", "a green star"]
+    enc = model.tokenizer(prompts, padding=True)
+    ids = [enc.word_ids(i) for i in range(2)]
+    assert len([w for w in ids[0] if w == 0]) > 1  # "there": several pieces
+    logits = torch.full((2, len(ids[0])), -4.0)
+    first_there = ids[0].index(0)
+    logits[0, first_there + 1] = 3.0  # one piece of "there" above 0.5: the word is tagged
+    logits[0, ids[0].index(3)] = 0.1  # "red": sigmoid 0.525
+    logits[1, ids[1].index(2)] = -0.1  # "star": sigmoid 0.475, just below
+    out.word_logits = logits
+    assert decode_tagged(model, out, prompts, "word_head") == ["there_0 is a red_0 circle", "a green star"]
+    (_, flags), probs = [x[0] for x in word_head_tag_flags(model, out, prompts, threshold=0.4, return_probs=True)]
+    assert flags == [True, False, False, True, False]
+    assert probs[3] == pytest.approx(torch.sigmoid(torch.tensor(0.1)).item())
+    assert word_head_tagging(model, out, prompts, threshold=0.45)[1] == "a green star_0"
+    # words past the encoder's token limit (3 tokens: two words and the end of sequence) get no score
+    model.config.text.max_prompt_tokens = 3
+    out.word_logits = torch.full((2, 3), 4.0)
+    assert decode_tagged(model, out, prompts, "word_head") == ["there_0 is a red circle", "a_0 green_0 star"]
+
+
+def test_word_head_decoding_needs_a_word_head(tmp_path):
+    from rahf.configtools import ConfigError
+    from rahf.training.config import resolve_config
+
+    model = RAHF(RAHFConfig.preset("tiny", vision={"img_size": 32, "depth": 1}, text={"num_layers": 1, "num_decoder_layers": 1}))
+    coll = RAHFCollator.for_model(model)
+    b = coll.tokenize_prompts(["a red circle"])
+    out = model(pixel_values=torch.randn(1, 3, 32, 32), input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    with pytest.raises(ValueError, match="word head"):
+        decode_tagged(model, out, ["a red circle"], "word_head")
+    with pytest.raises(ConfigError, match="model.word_head"):
+        resolve_config(None, ["eval.decode=word_head"])
+    assert resolve_config(None, ["eval.decode=word_head", "model.word_head=true"]).eval.decode == "word_head"
 
 
 def test_model_without_word_head_has_none():

@@ -147,7 +147,7 @@ def test_openapi_lists_endpoints_and_request_schema(served):
     assert score_item["properties"]["prompt"]["maxLength"] == MAX_PROMPT_CHARS
     assert set(score_item["required"]) == {"image", "prompt"}
     opts = schemas["ScoreOptions"]["properties"]
-    assert set(opts["decode"]["enum"]) == {"constrained", "free", "none"}
+    assert set(opts["decode"]["enum"]) == {"constrained", "free", "word_head", "none"}
     assert set(opts["heatmap_format"]["enum"]) == {"png", "float"}
     assert set(schemas["Scores"]["properties"]) == set(SCORE_NAMES)
     assert set(schemas["Heatmaps"]["properties"]) == set(MAP_NAMES)
@@ -282,6 +282,15 @@ BAD_ITEMS = {  # name: (item, field, problem regex)
     "symlink outside": ({"image": {"path": "link.png"}, "prompt": "a cat"}, "image.path", r"outside"),
     "missing file": ({"image": {"path": "nope.png"}, "prompt": "a cat"}, "image", r"missing"),
 }
+
+
+def test_word_head_decoding_refused_for_a_model_without_word_head(served):
+    url, app = served
+    assert app.state.scorer.model.word_head is None
+    r = post(url, {"items": [item(1)], "options": {"decode": "word_head"}})
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "options.decode" and "word head" in r.json()["errors"][0]["problem"]
+    assert_serving(url)
 
 
 @pytest.mark.parametrize("name", list(BAD_ITEMS))

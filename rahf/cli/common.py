@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from ..schema import SPLITS
+from ..schema import DECODE_MODES as _MODES, SPLITS
 
 CHECKPOINT_HELP = "a checkpoint directory or a Hugging Face Hub repo id (org/name[@revision])"
 DTYPES = ("fp32", "bf16", "fp16")
-DECODE_MODES = ("constrained", "free", "none")
+DECODE_MODES = _MODES + ("none",)
 
 
 def add_checkpoint(p: argparse.ArgumentParser, required: bool = True, help: Optional[str] = None) -> None:
@@ -55,10 +55,11 @@ def add_batch_size(p: argparse.ArgumentParser, default: Optional[int] = 16, help
 def add_decode(p: argparse.ArgumentParser, default: Optional[str] = "constrained", both: bool = False,
                help: Optional[str] = None) -> None:
     """``--decode``: how the tagged prompt is made. ``both`` (for evaluation) adds the choice ``both``."""
-    choices = DECODE_MODES[:2] + (("both",) if both else ()) + DECODE_MODES[2:]
+    choices = _MODES + (("both",) if both else ()) + ("none",)
     p.add_argument("--decode", default=default, choices=choices,
-                   help=help or ("tagged prompt: constrained (the prompt's own words), free generation"
-                                 + (", both" if both else "") + f", or none (default {default})"))
+                   help=help or ("tagged prompt: constrained (the prompt's own words), free generation, "
+                                 "word_head (a word-head model's per-word probabilities)"
+                                 + (", both (constrained and free)" if both else "") + f", or none (default {default})"))
 
 
 def add_data(p: argparse.ArgumentParser, required: bool = True, split: Optional[str] = "test", with_split: bool = True,

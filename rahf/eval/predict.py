@@ -8,6 +8,8 @@ tagged prompts everywhere. Decoding is dispatched in one place, :func:`decode_ta
 * ``"constrained"`` (:data:`DEFAULT_DECODE`): the output is the prompt's own words, each tagged
   ``_0`` or not by one teacher-forced decoder pass (:mod:`rahf.model.decoding`);
 * ``"free"``: greedy generation of the tagged prompt (may drop, repeat or invent words);
+* ``"word_head"``: the prompt's own words, each tagged when the word head's probability is above 0.5
+  (models trained with ``model.word_head``; :func:`rahf.model.decoding.word_head_tagging`);
 * ``None`` (or ``"none"``): no decoding.
 
 Forward pass and decoding run under the same ``autocast`` context.
@@ -22,15 +24,14 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..schema import MAP_NAMES
+from ..schema import DECODE_MODES, MAP_NAMES
 
 __all__ = ["DEFAULT_DECODE", "DECODE_MODES", "MODEL_KEYS", "Predictions", "predict_batch", "decode_tagged",
            "check_decode", "other_decode", "model_inputs", "unwrap", "resize_to"]
 
 #: The decoding used wherever none is named: training's evaluation, ``rahf eval``, the scorer.
 DEFAULT_DECODE = "constrained"
-#: The decoding modes (``None`` — no decoding — is accepted everywhere too).
-DECODE_MODES = ("constrained", "free")
+# DECODE_MODES (rahf.schema): the decoding modes; None (``"none"`` on the command line) is accepted everywhere too.
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "task_ids", "task_mask", "labels")
 
 
@@ -39,14 +40,15 @@ def check_decode(mode: Optional[str]) -> Optional[str]:
     if mode is None or mode == "none":
         return None
     if mode not in DECODE_MODES:
-        raise ValueError(f"unknown decode mode {mode!r}; use 'constrained', 'free' or None")
+        raise ValueError(f"unknown decode mode {mode!r}; use {', '.join(map(repr, DECODE_MODES))} or None")
     return mode
 
 
 def other_decode(mode: Optional[str]) -> Optional[str]:
-    """The other decoding mode (``"free"`` ↔ ``"constrained"``); None for None."""
+    """The decoding reported beside ``mode``: ``"free"`` ↔ ``"constrained"``, ``"word_head"`` →
+    ``"constrained"``; None for None."""
     mode = check_decode(mode)
-    return None if mode is None else DECODE_MODES[1 - DECODE_MODES.index(mode)]
+    return None if mode is None else {"constrained": "free", "free": "constrained", "word_head": "constrained"}[mode]
 
 
 def model_inputs(batch: dict, labels: bool = True) -> dict:
@@ -89,6 +91,10 @@ def decode_tagged(model, out, prompts: Sequence[str], mode: Optional[str],
     with _context(autocast):
         if mode == "free":
             return model.generate_tagged(out)
+        if mode == "word_head":
+            from ..model.decoding import word_head_tagging
+
+            return word_head_tagging(model, out, list(prompts))
         from ..model.decoding import constrained_tagging
 
         return constrained_tagging(model, out, list(prompts))

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..schema import MAP_NAMES, SCORE_NAMES, array_to_image
+from ..schema import DECODE_MODES as SCHEMA_DECODE_MODES, MAP_NAMES, SCORE_NAMES, array_to_image
 from ..schema import clean_prompt, load_image, parse_tagged
 from ..data.torch_data import RAHFCollator, image_to_tensor
 from .predict import DEFAULT_DECODE, Predictions, predict_batch
 
 ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
-DECODE_MODES = ("constrained", "free", None)
+DECODE_MODES = SCHEMA_DECODE_MODES + (None,)
 
 
 @dataclass

@@ -28,6 +28,10 @@ The decoder runs one token per step for the whole batch with its key/value cache
 sequence advances one token per step (no padding inside a sequence, so a prompt gets the same
 decisions alone as in a batch), and the loop stops at the batch's last decision. The cost is that of
 greedy generation of the tagged prompt, without its length risk (the output has the prompt's words).
+
+A model trained with a word head (``model.word_head``) can also tag without the decoder:
+:func:`word_head_tagging` tags each word whose word-head probability is above a threshold (the
+``word_head`` decoding of :mod:`rahf.eval.predict`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ..schema import TAG, clean_prompt, misaligned_words, split_words, tag_words  # noqa: F401
 
-__all__ = ["constrained_tagging", "constrained_tag_flags", "word_segments"]
+__all__ = ["constrained_tagging", "constrained_tag_flags", "word_head_tag_flags", "word_head_tagging", "word_segments",
+           "WORD_HEAD_THRESHOLD"]
+
+#: A word is tagged by the word head when its probability (the highest over its tokens) is above this.
+WORD_HEAD_THRESHOLD = 0.5
 
 
 def word_segments(tokenizer, words: Sequence[str]) -> list[tuple[list[int], list[int]]]:
@@ -175,3 +183,44 @@ def constrained_tag_flags(model, out, prompts: Sequence[str], margin: float = 0.
 def constrained_tagging(model, out, prompts: Sequence[str], margin: float = 0.0) -> list[str]:
     """Tagged prompts (``"a yellow_0 cat"``) whose words are exactly each prompt's words, in order."""
     return [tag_words(words, flags) for words, flags in constrained_tag_flags(model, out, prompts, margin=margin)]
+
+
+@torch.no_grad()
+def word_head_tag_flags(model, out, prompts: Sequence[str], threshold: float = WORD_HEAD_THRESHOLD,
+                        return_probs: bool = False):
+    """Per prompt: the words (the package's word split) and a misaligned flag per word read off the word
+    head (``model.word_head``) instead of the decoder.
+
+    The word head scores each prompt token of the fused encoder (``out.word_logits``); a word's
+    probability is the highest sigmoid over its tokens, and the word is tagged when it is above
+    ``threshold``. Words past the encoder's token limit have no score and are not tagged (probability
+    0). The prompts are tokenized as the collator tokenizes the clean prompt (which a word-head model
+    reads: it is trained with ``encoder_prompt=clean``). Returns ``(words, flags)`` per prompt (and,
+    with ``return_probs``, the per-word probabilities).
+    """
+    if getattr(out, "word_logits", None) is None:
+        raise ValueError("decode 'word_head' needs a model with a word head (model.word_head=true)")
+    tok = model.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise ValueError("decode 'word_head' needs a fast tokenizer (token-to-word indices)")
+    texts = [clean_prompt(p) for p in prompts]
+    words_b = [split_words(t) for t in texts]
+    if out.word_logits.shape[0] != len(texts):
+        raise ValueError(f"{len(texts)} prompts but word logits for {out.word_logits.shape[0]} examples")
+    enc = tok(texts, truncation=True, max_length=model.config.text.max_prompt_tokens)
+    probs = torch.sigmoid(out.word_logits.float()).cpu()
+    L = probs.shape[1]
+    res, all_probs = [], []
+    for i, words in enumerate(words_b):
+        best = [0.0] * len(words)
+        for j, w in enumerate(enc.word_ids(i)):
+            if w is not None and w < len(words) and j < L:
+                best[w] = max(best[w], float(probs[i, j]))
+        res.append((words, [p > threshold for p in best]))
+        all_probs.append(best)
+    return (res, all_probs) if return_probs else res
+
+
+def word_head_tagging(model, out, prompts: Sequence[str], threshold: float = WORD_HEAD_THRESHOLD) -> list[str]:
+    """Tagged prompts from the word head (:func:`word_head_tag_flags`), the prompt's own words in order."""
+    return [tag_words(words, flags) for words, flags in word_head_tag_flags(model, out, prompts, threshold)]

@@ -401,6 +401,9 @@ def create_app(scorer, settings: Optional[ServeSettings] = None) -> FastAPI:
         if errors:
             raise _invalid(errors)
         decode = options.decode if "misaligned_words" in options.outputs and options.decode != "none" else None
+        if decode == "word_head" and getattr(scorer.model, "word_head", None) is None:
+            raise _invalid([ItemError(item=None, field="options.decode",
+                                      problem="'word_head' needs a model trained with a word head; this one has none")])
         try:
             future = batcher.submit(images, [it.prompt for it in items], decode)
         except QueueFull:

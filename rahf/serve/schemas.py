@@ -11,10 +11,10 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from ..schema import MAP_NAMES, MAX_PROMPT_CHARS, SCORE_NAMES, clean_prompt
+from ..schema import DECODE_MODES as _MODES, MAP_NAMES, MAX_PROMPT_CHARS, SCORE_NAMES, clean_prompt
 
 OUTPUTS = ("scores", "heatmaps", "misaligned_words")
-DECODE_MODES = ("constrained", "free", "none")
+DECODE_MODES = _MODES + ("none",)
 HEATMAP_FORMATS = ("png", "float")
 MAX_HEATMAP_SIZE = 512
 
@@ -65,9 +65,10 @@ class ScoreOptions(_Request):
         "png", description="'png': 8-bit grayscale PNG (base64) at the image's own size; "
                            "'float': rows of floats in [0, 1], heatmap_size × heatmap_size")
     heatmap_size: int = Field(32, strict=True, ge=1, le=MAX_HEATMAP_SIZE, description="side of 'float' heatmaps")
-    decode: Literal["constrained", "free", "none"] = Field(
+    decode: Literal[DECODE_MODES] = Field(
         "constrained", description="misaligned words: 'constrained' (tag the prompt's own words), 'free' "
-                                   "(greedy generation) or 'none'")
+                                   "(greedy generation), 'word_head' (a word-head model's per-word "
+                                   "probabilities) or 'none'")
 
 
 class ScoreRequest(_Request):

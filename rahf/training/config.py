@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..configtools import ConfigError, build, load_yaml, merge, overrides_to_dict, to_dict
+from ..schema import DECODE_MODES
 from ..data.synth import SynthConfig
 from ..model.config import RAHFConfig, preset_settings
 
@@ -84,7 +85,7 @@ class EvalConfig:
     batch_size: int = 64
     metric: str = "summary/mean"  # keep-best metric (any key printed by rahf eval)
     mode: Literal["max", "min"] = "max"
-    decode: Optional[str] = "constrained"  # free | constrained | None
+    decode: Optional[str] = "constrained"  # constrained | free | word_head (needs model.word_head) | None
     max_batches: Optional[int] = None
     test_at_end: bool = True
     # the counterfactual block (rahf.eval.counterfactual) of the test evaluation: this many records
@@ -176,8 +177,10 @@ def check_config(cfg: TrainConfig) -> None:
         t.batch_size = t.global_batch_size // per
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("data.max_bad_fraction must be in [0, 1]")
-    if cfg.eval.decode not in (None, "free", "constrained"):
-        raise ConfigError(f"eval.decode must be free, constrained or null, got {cfg.eval.decode!r}")
+    if cfg.eval.decode is not None and cfg.eval.decode not in DECODE_MODES:
+        raise ConfigError(f"eval.decode must be one of {', '.join(DECODE_MODES)} or null, got {cfg.eval.decode!r}")
+    if cfg.eval.decode == "word_head" and not cfg.model.word_head:
+        raise ConfigError("eval.decode=word_head needs model.word_head=true")
     from ..model.rahf_model import FREEZABLE
 
     for part in t.freeze:
