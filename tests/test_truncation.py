@@ -196,6 +196,12 @@ def test_training_and_evaluation_count_what_is_cut(synth_root, tmp_path, capsys)
     loader = torch.utils.data.DataLoader(ds, batch_size=5, collate_fn=RAHFCollator.for_model(model))
     ev = run_evaluation(model, loader, decode=None, heatmaps=False)
     assert (ev.metrics["count/truncated_prompts"], ev.metrics["count/truncated_targets"]) == (want_p, want_t)
+    # rahf eval says so on stderr, with the counts
+    capsys.readouterr()
+    assert rahf_main(["eval", "--checkpoint", str(export), "--data", str(synth_root), "--split", "test",
+                      "--decode", "none", "--counterfactual", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {want_p} prompt(s) cut at model.text.max_prompt_tokens=10 and {want_t} tagged prompt(s)" in err
 
 
 def test_converter_keeps_the_caption_and_reports_token_lengths(richhf, capsys):
@@ -217,9 +223,3 @@ def test_converter_keeps_the_caption_and_reports_token_lengths(richhf, capsys):
     assert tl["target"] == length_summary(token_counts(byt5, [e["tagged_prompt"] for e in test.values()]), 192)
     assert report["splits"]["train"]["token_lengths"]["prompt"]["n"] == report["splits"]["train"]["kept"]
     assert f"prompt tokens: p50 {tl['prompt']['p50']}" in console and "token lengths in 'byt5'" in console
-    # rahf eval says so on stderr, with the counts
-    capsys.readouterr()
-    assert rahf_main(["eval", "--checkpoint", str(export), "--data", str(synth_root), "--split", "test",
-                      "--decode", "none", "--counterfactual", "0"]) == 0
-    err = capsys.readouterr().err
-    assert f"warning: {want_p} prompt(s) cut at model.text.max_prompt_tokens=10 and {want_t} tagged prompt(s)" in err
