@@ -165,3 +165,210 @@ def test_cli_fit_and_apply_on_a_table(tmp_path, capsys):
         assert o["cbm_logit"] == pytest.approx(z, rel=1e-9, abs=1e-9)
         assert o["cbm_prob"] == pytest.approx(1 / (1 + math.exp(-z)), rel=1e-9, abs=1e-12)
     assert roc_auc([o["cbm_prob"] for o in out], y) > 0.97  # they separate the labels
+
+
+def _cli():
+    import argparse
+
+    from rahf.cli.reward import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def main(argv):
+        args = parser.parse_args(argv)
+        return args.func(args)
+
+    return main
+
+
+def test_contributions_sum_to_the_logit_and_interventions():
+    agg = Aggregator(["a", "b", "c"], mean=[1.0, 0.0, 5.0], scale=[2.0, 1.0, 0.5], weights=[1.5, 0.0, -2.0],
+                     bias=0.25)
+    X = np.array([[3.0, 7.0, 5.5], [1.0, -4.0, 4.0]])
+    C = agg.contributions(X)
+    # by hand: a: 1.5 * (3 - 1) / 2 = 1.5; b: weight 0; c: -2 * (5.5 - 5) / 0.5 = -2
+    np.testing.assert_allclose(C, [[1.5, 0.0, -2.0], [0.0, 0.0, 4.0]])
+    np.testing.assert_allclose(C.sum(1) + agg.bias, agg.decision_function(X))
+    # a zero-weight attribute: any value changes nothing
+    np.testing.assert_allclose(agg.decision_function(agg.intervene(X, {"b": 100.0})), agg.decision_function(X))
+    # fixing c to its mean removes its term; fixing a to 5 makes its term 1.5 * 2 = 3
+    np.testing.assert_allclose(agg.decision_function(agg.intervene(X, {"c": "mean"})), [1.75, 0.25])
+    np.testing.assert_allclose(agg.decision_function(agg.intervene(X, {"a": 5.0})), [1.25, 7.25])
+    assert X[0, 0] == 3.0  # the input is not modified
+    with pytest.raises(KeyError, match="'zz'"):
+        agg.intervene(X, {"zz": 1.0})
+
+
+def test_join_column_by_uid():
+    from rahf.reward.cbm import join_column
+
+    rows = [{"uid": f"u{i}"} for i in range(50)]
+    table = [{"uid": f"u{i}", "liked": 0.01 * i} for i in range(50)]
+    rng = np.random.default_rng(0)
+    shuffled = [table[i] for i in rng.permutation(50)]
+    vals, counts = join_column(rows, shuffled, "liked")
+    np.testing.assert_allclose(vals, [0.01 * i for i in range(50)])
+    assert counts == {"joined": 50, "missing": 0, "non_numeric": 0}
+    broken = [t for t in shuffled if t["uid"] != "u7"] + [{"uid": "extra", "liked": 1.0}]
+    broken = [dict(t, liked="n/a") if t["uid"] == "u3" else t for t in broken]
+    with pytest.raises(ValueError,
+                       match=r"1 uids without a 'liked' value: 'u7'.*non-numeric 'liked' values: u3 \('n/a'\)"):
+        join_column(rows, broken, "liked")
+    vals, counts = join_column(rows, broken, "liked", skip=True)
+    assert counts == {"joined": 48, "missing": 1, "non_numeric": 1}
+    assert math.isnan(vals[3]) and math.isnan(vals[7]) and vals[8] == 0.08
+    with pytest.raises(ValueError, match="'u1' appears more than once"):
+        join_column(rows, table + [table[1]], "liked")
+
+
+def test_correlated_pairs_warn():
+    from rahf.reward.cbm import correlated_pairs
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=500), rng.normal(size=500)
+    X = np.c_[a, b, -3 * a + 1, np.ones(500)]  # c is a perfect (negative) copy of a; d is constant
+    pairs = correlated_pairs(X, ["a", "b", "c", "d"], 0.8)
+    assert [(p, q) for p, q, _ in pairs] == [("a", "c")] and pairs[0][2] == pytest.approx(-1.0)
+    assert correlated_pairs(X[:, :2], ["a", "b"]) == []
+
+
+def test_bootstrap_weights_cover_planted_weights():
+    from scipy.special import expit
+
+    from rahf.reward.cbm import bootstrap_weights
+
+    rng = np.random.default_rng(1)
+    n = 4000
+    X = rng.normal(size=(n, 3))
+    y = (rng.random(n) < expit(1.0 * X[:, 0] - 0.5 * X[:, 1])).astype(int)  # x2 has no effect
+    agg = fit_aggregator(X, y, ["x0", "x1", "x2"], l2=1e-5)
+    iv = bootstrap_weights(X, y, agg, replicates=200, seed=0)["weights"]
+    sd = X.std(0)  # standardised weights: the true weight times the column's sd
+    for f, true in zip(("x0", "x1", "x2"), (1.0 * sd[0], -0.5 * sd[1], 0.0)):
+        assert iv[f]["lo"] < true < iv[f]["hi"], (f, iv[f])
+        assert iv[f]["lo"] <= iv[f]["estimate"] <= iv[f]["hi"]
+        assert iv[f]["hi"] - iv[f]["lo"] < 0.25  # 4,000 rows: intervals about ±0.08
+    assert iv["x0"]["lo"] > 0 > iv["x1"]["hi"]
+
+
+def test_cli_fit_with_target_file_baseline_intervals_and_apply_interventions(tmp_path, capsys):
+    main = _cli()
+    rng = np.random.default_rng(0)
+    n = 400
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    liked = 2 * a - b + 0.5 * rng.normal(size=n)
+    rows = [{"uid": f"r{i}", "a": a[i], "b": b[i], "a_copy": a[i] * 2 + 1, "noise": rng.normal(),
+             "other_model": a[i]} for i in range(n)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # the target in a CSV of its own, in shuffled order, with a row the table does not have
+    import csv
+
+    with open(tmp_path / "target.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uid", "liked"])
+        for i in rng.permutation(n):
+            w.writerow([f"r{i}", liked[i]])
+        w.writerow(["not-a-row", 1.0])
+    out = tmp_path / "out"
+    argv = ["cbm", "fit", "--table", str(tmp_path / "rows.jsonl"), "--features", "a,b,a_copy,noise", "--target",
+            "liked", "--target-file", str(tmp_path / "target.csv"), "--baseline", "other_model", "--budgets", "all",
+            "--seeds", "1", "--weight-replicates", "50", "--replicates", "200", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr()
+    assert "a ~ a_copy: r = +1.000" in text.out and "warning: attributes a and a_copy" in text.err
+    saved = json.loads((out / "aggregator.json").read_text())
+    m = saved["metrics"]
+    assert m["correlated_pairs"][0]["a"] == "a" and m["correlated_pairs"][0]["b"] == "a_copy"
+    # the target joined by uid: liked = 2a - b + noise is well predicted from a and b
+    assert m["roc_auc_eval"] > 0.9 and m["plcc_eval"] > 0.85
+    base = m["baselines"]["other_model"]  # a alone: worse than the aggregator on the same eval rows
+    assert base["roc_auc_eval"] < m["roc_auc_eval"] and base["minus_aggregator"]["hi"] < 0
+    assert "baseline: other_model" in text.out
+    wi = saved["weight_intervals"]["weights"]
+    assert set(wi) == {"a", "b", "a_copy", "noise"} and wi["b"]["hi"] < 0
+    for f, w in zip(saved["features"], saved["weights"]):
+        assert wi[f]["estimate"] == pytest.approx(w)
+    # a target file missing a row: a clear error naming it, or skip-and-count
+    lines = (tmp_path / "target.csv").read_text().splitlines()
+    (tmp_path / "t2.csv").write_text("\n".join(line for line in lines if not line.startswith("r5,")) + "\n")
+    argv2 = [x if x != str(tmp_path / "target.csv") else str(tmp_path / "t2.csv") for x in argv]
+    with pytest.raises(SystemExit, match="'r5'"):
+        main(argv2)
+    assert main(argv2 + ["--skip-missing", "--out", str(tmp_path / "out2")]) == 0
+    m2 = json.loads((tmp_path / "out2" / "aggregator.json").read_text())["metrics"]
+    assert m2["n_fit"] + m2["n_eval"] == n - 1
+    assert sum(c["missing"] for c in m2["target_join"].values()) == 1
+
+    # apply: contributions + intercept sum to the logit; interventions
+    model = str(out / "aggregator.json")
+    assert main(["cbm", "apply", "--model", model, "--table", str(tmp_path / "rows.jsonl"), "--out",
+                 str(tmp_path / "s.jsonl"), "--set", "b=0", "--set", "noise=mean"]) == 0
+    res = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    agg = Aggregator.load(model)
+    wb = dict(zip(agg.features, agg.weights))
+    j = agg.features.index("b")
+    for o, r in zip(res, rows):
+        assert sum(o["contributions"].values()) + o["cbm_intercept"] == pytest.approx(o["cbm_logit"], abs=1e-9)
+        assert o["cbm_prob"] == o["cbm_prob_before"] == pytest.approx(1 / (1 + math.exp(-o["cbm_logit"])))
+        # after: b's term becomes w_b * (0 - mean_b) / scale_b and noise's term 0
+        z_after = (o["cbm_logit"] - o["contributions"]["b"] - o["contributions"]["noise"]
+                   + wb["b"] * (0 - agg.mean[j]) / agg.scale[j])
+        assert o["cbm_logit_after"] == pytest.approx(z_after, abs=1e-9)
+        assert o["cbm_prob_change"] == pytest.approx(o["cbm_prob_after"] - o["cbm_prob_before"], abs=1e-12)
+    with pytest.raises(SystemExit, match="zz"):
+        main(["cbm", "apply", "--model", model, "--table", str(tmp_path / "rows.jsonl"), "--set", "zz=1"])
+
+
+@pytest.mark.slow  # scores/renders a synth dataset: seconds
+def test_cli_fit_on_a_checkpoint_reports_its_own_head(synth_root, ckpt, tmp_path, capsys):
+    main = _cli()
+    assert main(["cbm", "fit", "--checkpoint", str(ckpt), "--data", str(synth_root), "--split", "train",
+                 "--eval-split", "dev", "--target", "overall", "--budgets", "all", "--seeds", "1",
+                 "--weight-replicates", "20", "--replicates", "100", "--out", str(tmp_path / "o")]) == 0
+    saved = json.loads((tmp_path / "o" / "aggregator.json").read_text())
+    assert "overall" not in saved["features"]  # the head is the baseline, not an attribute
+    base = saved["metrics"]["baselines"]["overall"]
+    ev = [json.loads(line) for line in (tmp_path / "o" / "attributes_eval.jsonl").read_text().splitlines()]
+    y = np.array([r["true_overall"] for r in ev]) >= saved["target"]["threshold"]
+    assert base["roc_auc_eval"] == pytest.approx(roc_auc([r["overall"] for r in ev], y.astype(int)))
+    assert "baseline: overall" in capsys.readouterr().out
+
+
+def test_synth_arrays_cache(synth_root, tmp_path):
+    from rahf.data.format import read_manifest
+    from rahf.reward.cbm import SYNTH_ATTRIBUTES, synth_arrays, synth_cache_key
+
+    entries = read_manifest(synth_root / "test")[:6]
+    F0, A0, s0 = synth_arrays(synth_root, "test", entries)
+    assert s0 == "off" and F0.shape == (6, 228) and set(A0) == set(SYNTH_ATTRIBUTES)
+    F1, A1, s1 = synth_arrays(synth_root, "test", entries, cache_dir=tmp_path)
+    F2, A2, s2 = synth_arrays(synth_root, "test", entries, cache_dir=tmp_path)
+    assert (s1, s2) == ("miss", "hit")
+    np.testing.assert_array_equal(F2, F0)
+    for n in SYNTH_ATTRIBUTES:
+        np.testing.assert_array_equal(A2[n], A0[n])
+    # the key changes with anything the arrays depend on: a new file, never a stale read
+    k = synth_cache_key(synth_root, "test", entries, 0.55, True)
+    assert synth_cache_key(synth_root, "test", entries, 0.9, True) != k
+    assert synth_cache_key(synth_root, "test", entries[:5], 0.55, True) != k
+    edited = [dict(e, tagged_prompt=e["tagged_prompt"] + " x") if i == 0 else e for i, e in enumerate(entries)]
+    assert synth_cache_key(synth_root, "test", edited, 0.55, True) != k
+    _, A3, s3 = synth_arrays(synth_root, "test", entries, aesthetics_threshold=0.0, features=False, cache_dir=tmp_path)
+    assert s3 == "miss" and A3["aesthetic"].all() and len(list(tmp_path.glob("test-*.npz"))) == 2
+
+
+@pytest.mark.slow  # scores/renders a synth dataset: seconds
+def test_cli_experiment_reads_its_cache(synth_root, tmp_path, capsys):
+    main = _cli()
+    argv = ["cbm", "experiment", "--data", str(synth_root), "--eval-split", "dev", "--budgets", "32,all", "--seeds",
+            "2", "--cost-budgets", "", "--replicates", "50", "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert "cache miss" in capsys.readouterr().err and len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("cache hit") == 2 and "cache miss" not in err
+    # the cached arrays give the same experiment, number for number
+    assert (tmp_path / "a" / "experiment.md").read_text() == (tmp_path / "b" / "experiment.md").read_text()
+    res = json.loads((tmp_path / "b" / "experiment.json").read_text())
+    assert res["l2_features"] == 1.0 and res["axes"]["images"]["budgets"] == [32, 64]

@@ -71,24 +71,77 @@ def _checkpoint_rows(args, split: str):
     return rows, np.asarray(emb, dtype=np.float64)
 
 
-def _target_column(args) -> str:
-    return f"true_{args.target}" if args.checkpoint else args.target
-
-
-def _default_features(rows, args) -> list[str]:
+def _default_features(args) -> list[str]:
     if args.features:
         return [f for f in args.features.split(",") if f]
     if args.checkpoint:
         from ..reward.cbm import RAHF_ATTRIBUTES
 
-        # the predicted score named like the target would make the bottleneck trivial: leave it out
+        # the predicted score named like the target would make the bottleneck trivial: it is the
+        # baseline instead
         return [f for f in RAHF_ATTRIBUTES if f != args.target]
     raise SystemExit("--features is required with --table")
 
 
+def _baselines(args) -> list[str]:
+    """Columns reported as baselines beside the aggregator: --baseline, or in checkpoint mode the
+    checkpoint's own head for the target (its predicted ``overall`` for target ``overall``; the
+    predicted ``overall`` when the target comes from a file and is not a score name)."""
+    if args.baseline is not None:
+        return [c for c in args.baseline.split(",") if c]
+    if args.checkpoint:
+        return [args.target if args.target in SCORE_NAMES else "overall"]
+    return []
+
+
+def _join_target(args, fit_rows, eval_rows):
+    """Rows with the target column of --target-file joined by uid (rows lacking it dropped and
+    counted with --skip-missing), and the column name to read; without a file, the rows as they are."""
+    from ..reward.cbm import join_column, read_table
+
+    if not args.target_file:
+        return fit_rows, eval_rows, (f"true_{args.target}" if args.checkpoint else args.target), None
+    table = read_table(args.target_file)
+    counts, out = {}, []
+    for name, rows in (("fit", fit_rows), ("eval", eval_rows)):
+        try:
+            vals, c = join_column(rows, table, args.target, args.uid_column, args.skip_missing, args.target_file)
+        except ValueError as e:
+            raise SystemExit(f"{name} rows: {e}")
+        kept = [{**r, "_target": v} for r, v in zip(rows, vals) if v == v]
+        if args.skip_missing and (c["missing"] or c["non_numeric"]):
+            _log(f"{name} rows: skipped {c['missing']} without a {args.target!r} value in {args.target_file} and "
+                 f"{c['non_numeric']} with a non-numeric one; {len(kept)} left")
+        counts[name] = c
+        out.append(kept)
+    return out[0], out[1], "_target", counts
+
+
+def _column(rows, name: str, what: str) -> np.ndarray:
+    try:
+        return np.array([float(r[name]) for r in rows])
+    except KeyError:
+        raise SystemExit(f"{what} column {name!r} is missing (rows have: {sorted(rows[0])[:20]})") from None
+    except (TypeError, ValueError) as e:
+        bad = next(r for r in rows if not _is_number(r.get(name)))
+        raise SystemExit(f"{what} column {name!r} is not numeric in row "
+                         f"{bad.get('uid', bad.get('id', '?'))!r}: {bad.get(name)!r}") from e
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def cmd_cbm_fit(args) -> int:
-    from ..reward.cbm import binarize, fit_aggregator, format_curve_table, learning_curve, plot_curves, read_table
+    from scipy.stats import pearsonr
+
     from ..eval.metrics import roc_auc
+    from ..reward.cbm import (binarize, bootstrap_weights, correlated_pairs, fit_aggregator, format_curve_table,
+                              learning_curve, paired_bootstrap, plot_curves, read_table)
 
     require("matplotlib", extra="report", purpose="the learning-curve plot")
     out = Path(args.out)
@@ -120,33 +173,97 @@ def cmd_cbm_fit(args) -> int:
                 emb_fit, emb_eval = E[fi], E[ev]
     else:
         raise SystemExit("give --checkpoint CK --data DIR, or --table FILE")
-    feats = _default_features(fit_rows, args)
-    col = _target_column(args)
-    X = np.array([[float(r[f]) for f in feats] for r in fit_rows])
-    Xe = np.array([[float(r[f]) for f in feats] for r in eval_rows])
-    yv = np.array([float(r[col]) for r in fit_rows])
-    yev = np.array([float(r[col]) for r in eval_rows])
+    if emb_fit is not None:  # embeddings travel with their rows through the target join
+        for r, e in zip(fit_rows, emb_fit):
+            r["_emb"] = e
+        for r, e in zip(eval_rows, emb_eval):
+            r["_emb"] = e
+    fit_rows, eval_rows, col, join_counts = _join_target(args, fit_rows, eval_rows)
+    if emb_fit is not None:
+        emb_fit = np.stack([r.pop("_emb") for r in fit_rows])
+        emb_eval = np.stack([r.pop("_emb") for r in eval_rows])
+    feats = _default_features(args)
+    X = np.stack([_column(fit_rows, f, "attribute") for f in feats], 1)
+    Xe = np.stack([_column(eval_rows, f, "attribute") for f in feats], 1)
+    yv, yev = _column(fit_rows, col, "target"), _column(eval_rows, col, "target")
     thr = args.threshold
     if thr is None and set(np.unique(np.r_[yv, yev])) <= {0.0, 1.0}:
         y, ye, t = yv.astype(int), yev.astype(int), 0.5
     else:
         y, t = binarize(yv, thr or "median")
         ye, _ = binarize(yev, t)
+    if y.min() == y.max() or ye.min() == ye.max():
+        raise SystemExit(f"target {args.target} >= {t:.4g} leaves one class in the fit or eval rows")
     target = {"name": args.target, "threshold": t, "rule": ">="}
+    if args.target_file:
+        target["file"] = str(args.target_file)
     agg = fit_aggregator(X, y, feats, l2=args.l2, target=target)
-    auc = roc_auc(agg.decision_function(Xe), ye)
-    agg.metrics = {"roc_auc_eval": auc, "n_fit": int(y.size), "n_eval": int(ye.size),
-                   "positive_rate_fit": float(y.mean()), "positive_rate_eval": float(ye.mean())}
+    z_eval = agg.decision_function(Xe)
+    auc = roc_auc(z_eval, ye)
+    continuous = len(np.unique(yev)) > 2
+    metrics = {"roc_auc_eval": auc, "n_fit": int(y.size), "n_eval": int(ye.size),
+               "positive_rate_fit": float(y.mean()), "positive_rate_eval": float(ye.mean())}
+    if continuous:
+        metrics["plcc_eval"] = float(pearsonr(z_eval, yev)[0])
+    if join_counts:
+        metrics["target_join"] = join_counts
+    # baselines on the same held-out rows, with paired intervals of the aggregator's difference
+    base_cols = _baselines(args)
+    scores = {"aggregator": z_eval[None]}
+    base_plcc = {}
+    for b in base_cols:
+        v = _column(eval_rows, b, "baseline")
+        scores[b] = v[None]
+        if continuous:
+            base_plcc[b] = float(pearsonr(v, yev)[0])
+    iv = paired_bootstrap(scores, ye, reference="aggregator", replicates=args.replicates, seed=args.seed)
+    metrics["baselines"] = {b: {"roc_auc_eval": iv["models"][b]["mean"],
+                                "roc_auc_interval": [iv["models"][b]["lo"], iv["models"][b]["hi"]],
+                                "minus_aggregator": iv["diff"][b],
+                                **({"plcc_eval": base_plcc[b]} if b in base_plcc else {})} for b in base_cols}
+    metrics["roc_auc_interval"] = [iv["models"]["aggregator"]["lo"], iv["models"]["aggregator"]["hi"]]
+    if args.weight_replicates:
+        agg.weight_intervals = bootstrap_weights(X, y, agg, replicates=args.weight_replicates, seed=args.seed)
+    pairs = correlated_pairs(X, feats, args.corr_threshold)
+    metrics["correlated_pairs"] = [{"a": a, "b": b, "r": r} for a, b, r in pairs]
+    agg.metrics = metrics
     agg.save(out / "aggregator.json")
     curve = learning_curve(X, y, Xe, ye, emb_fit, emb_eval, budgets=args.budgets, seeds=args.seeds,
                            l2_cbm=args.l2, l2_coarse=args.l2_coarse, seed=args.seed)
     _write_json(out / "learning_curve.json", curve)
     plot_curves(curve, out / "learning_curve.png", title=f"target {args.target} >= {t:.3g}: aggregator vs coarse")
-    lines = [f"target: {args.target} >= {t:.4g} (positive rate fit {y.mean():.2f}, eval {ye.mean():.2f}); "
-             f"{y.size} fit rows, {ye.size} eval rows", "",
-             "| attribute | weight (standardised) |", "|---|---|"]
-    lines += [f"| {f} | {w:+.3f} |" for f, w in agg.ranked_weights()]
-    lines += ["", f"aggregator ROC-AUC (all fit rows, eval): {auc:.3f}", "", format_curve_table(curve)]
+    wi = agg.weight_intervals.get("weights", {})
+    lines = [f"target: {args.target} >= {t:.4g}" + (f" (joined by {args.uid_column} from {args.target_file})"
+                                                     if args.target_file else "")
+             + f"; positive rate fit {y.mean():.2f}, eval {ye.mean():.2f}; {y.size} fit rows, "
+             f"{ye.size} eval rows", ""]
+    if join_counts and any(c["missing"] or c["non_numeric"] for c in join_counts.values()):
+        lines += ["skipped (no target value / non-numeric): " + ", ".join(
+            f"{k} {c['missing']} / {c['non_numeric']}" for k, c in join_counts.items()), ""]
+    lines += ["| attribute | weight (standardised) | " + (f"bootstrap 95% interval ({args.weight_replicates} "
+                                                         "resamples of the fit rows) |" if wi else ""),
+              "|---|---|" + ("---|" if wi else "")]
+    lines += [f"| {f} | {w:+.3f} |" + (f" [{wi[f]['lo']:+.3f}, {wi[f]['hi']:+.3f}] |" if wi else "")
+              for f, w in agg.ranked_weights()]
+    if pairs:
+        lines += ["", f"warning: strongly correlated attributes (|r| > {args.corr_threshold:g} on the fit rows); "
+                      "their weights are not individually interpretable (they can trade off, even flip sign):"]
+        lines += [f"- {a} ~ {b}: r = {r:+.3f}" for a, b, r in pairs]
+        for a, b, r in pairs:
+            _log(f"warning: attributes {a} and {b} are correlated (r = {r:+.3f}); their weights are not "
+                 "individually interpretable")
+    lines += ["", f"held-out ROC-AUC ({ye.size} eval rows; paired bootstrap 95% intervals over eval rows)", "",
+              "| model | ROC-AUC | − aggregator |" + (" PLCC |" if continuous else ""),
+              "|---|---|---|" + ("---|" if continuous else ""),
+              f"| aggregator (all fit rows) | {auc:.3f} [{metrics['roc_auc_interval'][0]:.3f}, "
+              f"{metrics['roc_auc_interval'][1]:.3f}] | |"
+              + (f" {metrics['plcc_eval']:.3f} |" if continuous else "")]
+    for b, m in metrics["baselines"].items():
+        d = m["minus_aggregator"]
+        lines.append(f"| baseline: {b} | {m['roc_auc_eval']:.3f} [{m['roc_auc_interval'][0]:.3f}, "
+                     f"{m['roc_auc_interval'][1]:.3f}] | {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |"
+                     + (f" {m['plcc_eval']:.3f} |" if continuous else ""))
+    lines += ["", format_curve_table(curve)]
     report = "\n".join(lines)
     (out / "report.md").write_text(report + "\n")
     print(report)
@@ -154,28 +271,62 @@ def cmd_cbm_fit(args) -> int:
     return 0
 
 
+def _settings(items) -> dict:
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--set takes ATTRIBUTE=VALUE, got {it!r}")
+        if v != "mean":
+            try:
+                v = float(v)
+            except ValueError:
+                raise SystemExit(f"--set {it!r}: the value must be a number or 'mean'") from None
+        out[k] = v
+    return out
+
+
 def cmd_cbm_apply(args) -> int:
     from ..reward.cbm import Aggregator, read_table
 
     agg = Aggregator.load(args.model)
+    settings = _settings(args.set)
+    unknown = [k for k in settings if k not in agg.features]
+    if unknown:
+        raise SystemExit(f"--set {unknown}: not attributes of {args.model} ({', '.join(agg.features)})")
     if args.table:
         rows = read_table(args.table)
     elif args.checkpoint and args.data:
         rows, _ = _checkpoint_rows(args, args.split)
     else:
         raise SystemExit("give --table FILE, or --checkpoint CK --data DIR")
-    logit = agg.decision_function(rows)
+    X = agg._matrix(rows)
+    contrib = agg.contributions(X)
+    logit = contrib.sum(1) + agg.bias
     prob = 1.0 / (1.0 + np.exp(-logit))
+    if settings:
+        logit_after = agg.decision_function(agg.intervene(X, settings))
+        prob_after = 1.0 / (1.0 + np.exp(-logit_after))
     f = open(args.out, "w") if args.out else sys.stdout
     try:
-        for r, z, p in zip(rows, logit, prob):
+        for i, r in enumerate(rows):
             o = {k: r[k] for k in ("uid", "id") if k in r}
-            o.update({"cbm_logit": float(z), "cbm_prob": float(p)})
+            o.update({"cbm_logit": float(logit[i]), "cbm_prob": float(prob[i]), "cbm_intercept": float(agg.bias),
+                      "contributions": {n: float(c) for n, c in zip(agg.features, contrib[i])}})
+            if settings:
+                o.update({"intervention": settings, "cbm_prob_before": float(prob[i]),
+                          "cbm_prob_after": float(prob_after[i]), "cbm_prob_change": float(prob_after[i] - prob[i]),
+                          "cbm_logit_after": float(logit_after[i])})
             f.write(json.dumps(o) + "\n")
     finally:
         if f is not sys.stdout:
             f.close()
-    _log(f"scored {len(rows)} rows" + (f" -> {args.out}" if args.out else ""))
+    msg = f"scored {len(rows)} rows" + (f" -> {args.out}" if args.out else "")
+    if settings:
+        d = prob_after - prob
+        msg += (f"; intervention {settings}: mean probability {prob.mean():.3f} -> {prob_after.mean():.3f} "
+                f"(change per row mean {d.mean():+.3f}, min {d.min():+.3f}, max {d.max():+.3f})")
+    _log(msg)
     return 0
 
 
@@ -183,38 +334,41 @@ def cmd_cbm_apply(args) -> int:
 # rahf cbm experiment
 # ----------------------------------------------------------------------------------------------
 def cmd_cbm_experiment(args) -> int:
-    from ..reward.cbm import (SYNTH_ATTRIBUTES, TREES, controlled_experiment, format_interval_table, image_features,
-                              plot_curves, regenerate_synth, synth_attributes, verdicts)
-    from ..data.format import read_manifest
+    from ..reward.cbm import (TREES, controlled_experiment, default_synth_cache_dir, format_interval_table,
+                              plot_curves, synth_arrays, verdicts)
+    from ..data.format import open_dataset
 
     require("matplotlib", extra="report", purpose="the experiment plot")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tree = TREES[args.tree]
+    cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_synth_cache_dir(args.data)
     data = {}
     for split in (args.train_split, args.eval_split):
-        entries = read_manifest(Path(args.data) / split)[: args.limit or None]
+        ds = open_dataset(args.data, split)
+        entries = ds.entries[: args.limit or None]
         t0 = time.perf_counter()
-        recs = regenerate_synth(args.data, split, entries)
-        attrs = {n: np.array([synth_attributes(r, args.aesthetics_threshold)[n] for r in recs]) for n in SYNTH_ATTRIBUTES}
-        if args.checkpoint:
+        feats, attrs, status = synth_arrays(args.data, split, entries, args.aesthetics_threshold,
+                                            features=not args.checkpoint, cache_dir=cache)
+        if args.checkpoint:  # the stored images are the rendered ones: embed them, no re-render needed
             scorer = getattr(args, "_scorer", None) or scorer_from_args(args)
             args._scorer = scorer
-            feats = np.asarray(scorer.embed([r.image for r in recs], [r.prompt for r in recs],
-                                            batch_size=args.batch_size), dtype=np.float64)
-        else:
-            feats = np.stack([image_features(r.image) for r in recs])
+            feats = np.asarray(scorer.embed([str(ds.path(i, "image")) for i in range(len(entries))],
+                                            [e["prompt"] for e in entries], batch_size=args.batch_size),
+                               dtype=np.float64)
         data[split] = (feats, attrs)
-        _log(f"{split}: {len(recs)} records, features {feats.shape[1]}-d, {time.perf_counter() - t0:.1f} s")
+        _log(f"{split}: {len(entries)} records, features {feats.shape[1]}-d, {time.perf_counter() - t0:.1f} s "
+             f"(cache {status}{': ' + str(cache) if cache else ''})")
     (F, A), (Fe, Ae) = data[args.train_split], data[args.eval_split]
-    res = {"features": "scorer.embed" if args.checkpoint else "image_features",
+    l2_features = args.l2_features if args.l2_features is not None else (0.1 if args.capacity == "mlp" else 1.0)
+    res = {"features": "scorer.embed" if args.checkpoint else "image_features", "l2_features": l2_features,
            "attribute_rates": {n: float(A[n].mean()) for n in A}, "axes": {}}
     parts = []
     for axis, budgets in (("images", args.budgets), ("cost", args.cost_budgets)):
         if not budgets:
             continue
         t0 = time.perf_counter()
-        r = controlled_experiment(F, A, Fe, Ae, tree, budgets=budgets, seeds=args.seeds, l2_features=args.l2_features,
+        r = controlled_experiment(F, A, Fe, Ae, tree, budgets=budgets, seeds=args.seeds, l2_features=l2_features,
                                   l2_cbm=args.l2, seed=args.seed, training=args.training, capacity=args.capacity,
                                   hidden=args.hidden, axis=axis, attribute_cost=args.attribute_cost,
                                   replicates=args.replicates)
@@ -232,7 +386,8 @@ def cmd_cbm_experiment(args) -> int:
     head = (f"target tree ({tree.name}): {tree.text}\npositive rate fit {res['positive_rate']['fit']:.2f}, eval "
             f"{res['positive_rate']['eval']:.2f}; features: {res['features']}; {args.seeds} draws per budget; "
             f"stage-2 training: {args.training}; stage 1 and coarse: {args.capacity}"
-            + (f" ({args.hidden} hidden units)" if args.capacity == "mlp" else "") + "\nattribute sets: "
+            + (f" ({args.hidden} hidden units)" if args.capacity == "mlp" else "") + f", L2 {l2_features:g}"
+            + "\nattribute sets: "
             + "; ".join(f"{k} = {','.join(v)}" for k, v in res["sets"].items()))
     _write_json(out / "experiment.json", res)
     text = head + "\n\n" + "\n\n".join(parts)
@@ -512,7 +667,21 @@ def register(subparsers) -> None:
     f.add_argument("--embeddings", help=".npy (rows aligned with --table) for the coarse baseline")
     f.add_argument("--eval-embeddings", help=".npy aligned with --eval-table")
     f.add_argument("--features", help="comma-separated attribute columns (default: RAHF attributes minus the target)")
-    f.add_argument("--target", default="overall", help="target: a score name (checkpoint mode) or a column")
+    f.add_argument("--target", default="overall",
+                   help="target: a score name (checkpoint mode), a column of --table, or a column of --target-file")
+    f.add_argument("--target-file", default=None,
+                   help="JSONL/CSV with the target column (--target) per uid, joined to the rows by --uid-column")
+    f.add_argument("--uid-column", default="uid", help="the join key of --target-file (default uid)")
+    f.add_argument("--skip-missing", action="store_true",
+                   help="drop and count rows whose uid has no (numeric) value in --target-file instead of failing")
+    f.add_argument("--baseline", default=None,
+                   help="comma-separated score columns reported beside the aggregator on the same eval rows "
+                        "(default with --checkpoint: the checkpoint's own head for the target; '' for none)")
+    f.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates of the eval-row intervals")
+    f.add_argument("--weight-replicates", type=int, default=200,
+                   help="bootstrap refits for the weights' 95%% intervals (0: skip)")
+    f.add_argument("--corr-threshold", type=float, default=0.8,
+                   help="warn about attribute pairs with |correlation| above this on the fit rows")
     f.add_argument("--threshold", default=None, help="binarise target >= this number or 'median' (default median; "
                    "a 0/1 column is used as is)")
     add_decode(f)
@@ -531,6 +700,9 @@ def register(subparsers) -> None:
     add_data(a, required=False, help="dataset directory (with --checkpoint)")
     add_decode(a)
     a.add_argument("--out", help="output JSONL (default stdout)")
+    a.add_argument("--set", action="append", metavar="ATTRIBUTE=VALUE",
+                   help="concept intervention: fix an attribute (raw units, or 'mean') and write the reward "
+                        "before and after; repeatable")
     a.set_defaults(func=cmd_cbm_apply)
 
     e = sub.add_parser("experiment", help="the concept-bottleneck paper's controlled experiment on synth data (known attributes)")
@@ -551,9 +723,15 @@ def register(subparsers) -> None:
     e.add_argument("--hidden", type=int, default=32, help="hidden units of the mlp capacity")
     e.add_argument("--replicates", type=int, default=500, help="bootstrap replicates")
     e.add_argument("--l2", type=float, default=1e-2, help="stage-2 L2")
-    e.add_argument("--l2-features", type=float, default=1.0, help="L2 of the models on features (coarse, stage 1)")
+    e.add_argument("--l2-features", type=float, default=None,
+                   help="L2 of the models on features (coarse, stage 1); default 1 for linear, 0.1 for mlp "
+                        "(5-fold CV of the coarse model on a synth train split; at 1 the MLP collapses)")
     e.add_argument("--aesthetics-threshold", type=float, default=0.55)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--cache-dir", default=None,
+                   help="where the re-rendered records' attributes and image features are cached (default "
+                        "DATA/.cache/cbm if writable, else ~/.cache/rahf/cbm)")
+    e.add_argument("--no-cache", action="store_true", help="re-render every record, write no cache")
     e.set_defaults(func=cmd_cbm_experiment)
 
     t = subparsers.add_parser("textnorm", help="raw vs TextNorm-calibrated reward on aligned/misaligned pairs")

@@ -1,11 +1,14 @@
-"""Concept-bottleneck reward aggregation .
+"""Concept-bottleneck reward aggregation.
 
 Stage 1 is any set of fine-grained attributes per (image, prompt): RAHF's predicted scores and
 heatmap statistics (:func:`rahf_attributes`), columns of a user's table, or -- in the controlled
 experiment -- per-attribute classifiers trained on image features. Stage 2 is a class-balanced,
 L2-regularised logistic regression on standardised attributes (:class:`Aggregator`) to a coarse
 binary target (a score thresholded at e.g. its median, or a user's 0/1 column). Its standardised
-weights say which attributes matter; it is saved as plain JSON.
+weights say which attributes matter (:func:`bootstrap_weights` gives their intervals,
+:func:`correlated_pairs` the attributes whose weights cannot be read one by one); per row,
+:meth:`Aggregator.contributions` splits the logit into one term per attribute and
+:meth:`Aggregator.intervene` fixes attributes to see the reward change. It is saved as plain JSON.
 
 :func:`learning_curve` measures the aggregator against a *coarse* model -- the same logistic
 regression trained directly on frozen image(+prompt) embeddings -- over label budgets (the concept-bottleneck paper's
@@ -44,6 +47,10 @@ __all__ = [
     "class_weights",
     "Aggregator",
     "fit_aggregator",
+    "bootstrap_weights",
+    "correlated_pairs",
+    "join_column",
+    "synth_arrays",
     "rahf_attributes",
     "RAHF_ATTRIBUTES",
     "binarize",
@@ -142,6 +149,8 @@ class Aggregator:
     balanced: bool = True
     metrics: dict = field(default_factory=dict)
 
+    weight_intervals: dict = field(default_factory=dict)  # :func:`bootstrap_weights` output ({} if not computed)
+
     FORMAT = "rahf-cbm-aggregator"
 
     def _matrix(self, X) -> np.ndarray:
@@ -165,6 +174,25 @@ class Aggregator:
     def predict_proba(self, X) -> np.ndarray:
         return expit(self.decision_function(X))
 
+    def contributions(self, X) -> np.ndarray:
+        """Per-row, per-attribute terms ``w_j (x_j - mean_j) / scale_j`` (N, M): with :attr:`bias` they
+        sum to the logit, ``decision_function(X) == contributions(X).sum(1) + bias``."""
+        Z = (self._matrix(X) - np.asarray(self.mean)) / np.asarray(self.scale)
+        return Z * np.asarray(self.weights)
+
+    def intervene(self, X, values: Mapping[str, float | str]) -> np.ndarray:
+        """The attribute matrix of ``X`` with the named attributes fixed to ``values`` (raw units;
+        ``"mean"``: the fitting rows' mean, i.e. a zero contribution) -- a concept intervention.
+        Score it with :meth:`decision_function` / :meth:`predict_proba`."""
+        X = self._matrix(X).copy()
+        unknown = [k for k in values if k not in self.features]
+        if unknown:
+            raise KeyError(f"cannot set {unknown}: not attributes of this aggregator {self.features}")
+        for k, v in values.items():
+            j = self.features.index(k)
+            X[:, j] = self.mean[j] if v == "mean" else float(v)
+        return X
+
     @property
     def raw_weights(self) -> dict[str, float]:
         """Weights per unit of each attribute (``w_j / scale_j``)."""
@@ -178,7 +206,8 @@ class Aggregator:
         return {"format": self.FORMAT, "version": 1, "features": list(self.features),
                 "mean": [float(v) for v in self.mean], "scale": [float(v) for v in self.scale],
                 "weights": [float(v) for v in self.weights], "bias": float(self.bias), "target": self.target,
-                "l2": self.l2, "balanced": self.balanced, "metrics": self.metrics}
+                "l2": self.l2, "balanced": self.balanced, "metrics": self.metrics,
+                "weight_intervals": self.weight_intervals}
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +222,7 @@ class Aggregator:
             raise ValueError("aggregator JSON: features/mean/scale/weights lengths differ")
         return cls(list(d["features"]), list(d["mean"]), list(d["scale"]), list(d["weights"]), float(d["bias"]),
                    dict(d.get("target", {})), float(d.get("l2", 1e-2)), bool(d.get("balanced", True)),
-                   dict(d.get("metrics", {})))
+                   dict(d.get("metrics", {})), dict(d.get("weight_intervals", {})))
 
     @classmethod
     def load(cls, path: str | Path) -> "Aggregator":
@@ -210,6 +239,90 @@ def fit_aggregator(X, y, features: Sequence[str], l2: float = 1e-2, balanced: bo
     w, b = fit_logistic(st(X), y, l2=l2, balanced=balanced)
     return Aggregator(list(features), st.mean.tolist(), st.scale.tolist(), w.tolist(), b, dict(target or {}),
                       l2, balanced)
+
+
+def bootstrap_weights(X, y, agg: Aggregator, replicates: int = 200, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile intervals of ``agg``'s standardised weights: each replicate resamples the fitting
+    rows ``(X, y)`` with replacement (the attributes and label of a row stay together) and refits the
+    logistic regression with ``agg``'s standardisation, L2 and balancing, so the replicate weights
+    are on the scale of ``agg.weights``. Resamples with one class only are redrawn.
+
+    Returns ``{"replicates", "level", "seed", "weights": {feature: {"estimate", "lo", "hi"}}}``."""
+    X = np.asarray(agg._matrix(X), dtype=np.float64)
+    Z = (X - np.asarray(agg.mean)) / np.asarray(agg.scale)
+    y = np.asarray(y).astype(int).reshape(-1)
+    if y.min() == y.max():
+        raise ValueError("bootstrap_weights: the fitting rows have one class only")
+    rng = np.random.default_rng(seed)
+    W = np.empty((replicates, len(agg.features)))
+    r = 0
+    while r < replicates:
+        idx = rng.integers(0, y.size, y.size)
+        if y[idx].min() == y[idx].max():
+            continue
+        W[r] = fit_logistic(Z[idx], y[idx], l2=agg.l2, balanced=agg.balanced)[0]
+        r += 1
+    lo, hi = np.percentile(W, [(1 - level) / 2 * 100, (1 + level) / 2 * 100], axis=0)
+    return {"replicates": int(replicates), "level": level, "seed": seed,
+            "weights": {f: {"estimate": float(w), "lo": float(a), "hi": float(b)}
+                        for f, w, a, b in zip(agg.features, agg.weights, lo, hi)}}
+
+
+def correlated_pairs(X, features: Sequence[str], threshold: float = 0.8) -> list[tuple[str, str, float]]:
+    """Pairs of attribute columns whose Pearson correlation on the rows ``X`` has ``|r| > threshold``
+    (constant columns are skipped), strongest first. The aggregator's weights of such a pair are not
+    individually interpretable: the fit can trade one for the other, even flipping a sign."""
+    X = np.asarray(X, dtype=np.float64)
+    sd = X.std(axis=0)
+    ok = np.flatnonzero(sd > 1e-12)
+    C = np.corrcoef(X[:, ok], rowvar=False).reshape(ok.size, ok.size)
+    out = [(features[ok[i]], features[ok[j]], float(C[i, j])) for i in range(ok.size) for j in range(i + 1, ok.size)
+           if abs(C[i, j]) > threshold]
+    return sorted(out, key=lambda t: -abs(t[2]))
+
+
+def join_column(rows: Sequence[Mapping], table: Sequence[Mapping], column: str, uid_key: str = "uid",
+                skip: bool = False, source: str = "the target file") -> tuple[list[float], dict]:
+    """The numeric value of ``column`` in ``table`` for each of ``rows``, matched by ``uid_key`` (the
+    order of ``table`` does not matter). Returns ``(values, counts)``; a row without a match or with a
+    non-numeric value raises ValueError naming the uids, or -- with ``skip`` -- gets NaN and is
+    counted (``counts``: ``{"joined", "missing", "non_numeric"}``). Duplicate uids in ``table`` are an
+    error."""
+    by_uid: dict = {}
+    for i, t in enumerate(table):
+        if uid_key not in t:
+            raise ValueError(f"{source}: line {i + 1} has no {uid_key!r} column")
+        u = str(t[uid_key])
+        if u in by_uid:
+            raise ValueError(f"{source}: uid {u!r} appears more than once")
+        by_uid[u] = t
+    values, missing, bad = [], [], []
+    for r in rows:
+        if uid_key not in r:
+            raise ValueError(f"a row has no {uid_key!r} to join {source} on: {dict(list(r.items())[:3])}")
+        u = str(r[uid_key])
+        t = by_uid.get(u)
+        if t is None or column not in t:
+            missing.append(u)
+            values.append(math.nan)
+            continue
+        try:
+            v = float(t[column])
+        except (TypeError, ValueError):
+            v = math.nan
+        if not math.isfinite(v):
+            bad.append(f"{u} ({t[column]!r})")
+        values.append(v)
+    if (missing or bad) and not skip:
+        msg = []
+        if missing:
+            msg.append(f"{len(missing)} uids without a {column!r} value: " + ", ".join(map(repr, missing[:5]))
+                       + (" ..." if len(missing) > 5 else ""))
+        if bad:
+            msg.append(f"{len(bad)} non-numeric {column!r} values: " + ", ".join(bad[:5])
+                       + (" ..." if len(bad) > 5 else ""))
+        raise ValueError(f"{source}: " + "; ".join(msg) + " (skip such rows with --skip-missing)")
+    return values, {"joined": len(rows) - len(missing) - len(bad), "missing": len(missing), "non_numeric": len(bad)}
 
 
 def binarize(values, threshold="median", reference=None) -> tuple[np.ndarray, float]:
@@ -743,14 +856,85 @@ def regenerate_synth(root: str | Path, split: str, entries: Sequence[Mapping]) -
         raise ValueError(f"{root} is not a synth dataset (dataset.json source={info.get('source')!r}); the "
                          "controlled experiment needs the known attributes of synth scenes")
     seed, size = int(info.get("seed", 0)), int(info.get("size", 128))
+    easy = dict(info.get("easy_fraction") or {})
     out = []
     for e in entries:
         m = _UID.match(e["uid"])
         if not m:
             raise ValueError(f"record {e['uid']!r}: not a synth uid")
-        rec = make_record(seed, m["split"], int(m["index"]), size)
+        rec = make_record(seed, m["split"], int(m["index"]), size, float(easy.get(m["split"], 0.0)))
         if rec.tagged_prompt != e["tagged_prompt"]:
             raise ValueError(f"record {e['uid']!r}: regenerated tags differ from the manifest "
                              "(different generator version?)")
         out.append(rec)
     return out
+
+
+# bump when image_features, synth_attributes or the synth generator change what they return
+SYNTH_CACHE_VERSION = 1
+
+
+def synth_cache_key(root: str | Path, split: str, entries: Sequence[Mapping], aesthetics_threshold: float,
+                    features: bool) -> str:
+    """A hex key of everything the cached arrays depend on: the cache version, the dataset's generator
+    settings (dataset.json: seed, size, easy fraction), the split, every record's uid and tagged
+    prompt (in order), the aesthetics threshold and whether image features are included."""
+    import hashlib
+
+    from ..data.format import read_dataset_info
+
+    info = read_dataset_info(root)
+    h = hashlib.sha256(json.dumps({
+        "version": SYNTH_CACHE_VERSION, "source": info.get("source"), "seed": info.get("seed"),
+        "size": info.get("size"), "easy_fraction": info.get("easy_fraction"), "split": split,
+        "aesthetics_threshold": float(aesthetics_threshold), "features": bool(features)}, sort_keys=True).encode())
+    for e in entries:
+        h.update(f"{e['uid']}\t{e['tagged_prompt']}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def default_synth_cache_dir(root: str | Path) -> Path:
+    """``<root>/.cache/cbm`` beside the data when that is writable, else ``$XDG_CACHE_HOME/rahf/cbm``
+    (``~/.cache/rahf/cbm``)."""
+    import os
+
+    local = Path(root) / ".cache" / "cbm"
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        if os.access(local, os.W_OK):
+            return local
+    except OSError:
+        pass
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rahf" / "cbm"
+
+
+def synth_arrays(root: str | Path, split: str, entries: Sequence[Mapping], aesthetics_threshold: float = 0.55,
+                 features: bool = True, cache_dir: str | Path | None = None) -> tuple[np.ndarray | None, dict, str]:
+    """Known attributes (``{name: (N,) int array}`` of :data:`SYNTH_ATTRIBUTES`) and, with ``features``,
+    :func:`image_features` (N, 228) of the synth records ``entries`` of ``split``.
+
+    They take a re-render of every record (:func:`regenerate_synth`); with ``cache_dir`` they are
+    stored there as ``<split>-<key>.npz`` (:func:`synth_cache_key`) and read back while the key
+    matches -- a changed dataset, threshold or cache version gives a new key, so a stale file is
+    never read. Returns ``(features or None, attributes, status)``, status ``"hit"``, ``"miss"``
+    (computed and written) or ``"off"`` (no cache)."""
+    path = None
+    if cache_dir is not None:
+        key = synth_cache_key(root, split, entries, aesthetics_threshold, features)
+        path = Path(cache_dir) / f"{split}-{key}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                if list(z["names"]) == list(SYNTH_ATTRIBUTES) and z["attributes"].shape[0] == len(entries):
+                    return (z["features"] if features else None,
+                            {n: z["attributes"][:, j] for j, n in enumerate(SYNTH_ATTRIBUTES)}, "hit")
+    recs = regenerate_synth(root, split, entries)
+    A = np.array([[synth_attributes(r, aesthetics_threshold)[n] for n in SYNTH_ATTRIBUTES] for r in recs],
+                 dtype=np.int64).reshape(len(recs), len(SYNTH_ATTRIBUTES))
+    F = np.stack([image_features(r.image) for r in recs]) if features else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, names=np.array(SYNTH_ATTRIBUTES), attributes=A,
+                 **({"features": F} if features else {}))
+        tmp.replace(path)
+    return F, {n: A[:, j] for j, n in enumerate(SYNTH_ATTRIBUTES)}, "miss" if path is not None else "off"
