@@ -24,7 +24,8 @@ fi
 # later arguments override earlier ones (argparse keeps the last value)
 timeout 290 "$PY" benchmarks/train_step.py "${DEFAULTS[@]}" --json "$OUT" "$@"
 # FSDP save and resume on one GPU (world size 1 still runs the sharded state-dict code): train 4 steps
-# with a pause after 2 (checkpoint), resume to 4, and export. GPU only; RAHF_SKIP_FSDP_CHECK=1 skips it.
+# with a pause after 2 (a checkpoint of sharded model and optimizer state), resume to 4, and export
+# (the full weights gathered). GPU only; RAHF_SKIP_FSDP_CHECK=1 skips it.
 if [ -z "${RAHF_SKIP_FSDP_CHECK:-}" ] && "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   FSDP_DIR=$(mktemp -d)
   FSDP_RUN=(-m accelerate.commands.launch --config_file launch/fsdp_8gpu.yaml --num_processes 1 train.py
@@ -34,6 +35,9 @@ if [ -z "${RAHF_SKIP_FSDP_CHECK:-}" ] && "$PY" -c 'import torch, sys; sys.exit(0
   echo "FSDP check in $FSDP_DIR: pause at step 2, resume to 4"
   timeout 600 "$PY" "${FSDP_RUN[@]}" train.stop_after_steps=2
   timeout 600 "$PY" "${FSDP_RUN[@]}" --resume latest
+  # the checkpoints hold sharded state (fsdp/), the resumed run went on from step 2, the export is whole
   test -f "$FSDP_DIR/fsdp/checkpoints/step_000004/checkpoint.json" && test -f "$FSDP_DIR/fsdp/export/model.safetensors"
+  test -d "$FSDP_DIR/fsdp/checkpoints/step_000004/fsdp" && test ! -e "$FSDP_DIR/fsdp/checkpoints/step_000004/optimizer.pt"
+  test "$(wc -l < "$FSDP_DIR/fsdp/steps.jsonl")" -eq 4
   "$PY" -c "from rahf import RAHF; RAHF.from_pretrained('$FSDP_DIR/fsdp/export'); print('FSDP save/resume/export: ok')"
 fi

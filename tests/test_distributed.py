@@ -3,6 +3,7 @@ all-reduce of flags per step), nothing hangs (each launch has a timeout), the re
 Also the per-step decision itself, in one process (no collective)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -172,6 +173,67 @@ def test_a_stuck_rank_becomes_an_error_naming_the_waiting_rank(data, tmp_path):
     assert "rank 0: a collective of step 3 failed; another process died or is stuck " \
            "(train.collective_timeout_s=8 s)" in res.stderr
     assert time.time() - t0 < 110  # well before the stall's own end (120 s)
+
+
+# ------------------------------------------------------------------------- evaluation
+def _examples(path: Path) -> dict:
+    return {r["uid"]: r for r in jsonl(path)}
+
+
+def _close(a, b, tol=1e-6) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= tol)
+    return a == b
+
+
+@pytest.mark.slow
+def test_distributed_evaluation_counts_each_example_once_whatever_was_dropped(tmp_path):
+    """The trainer's evaluation of 10 test records (batch size 3; records 1, 4, 6, 7, 8 do not decode)
+    under two processes: rank 0's last batch (6, 7, 8) is entirely bad, rank 1's first (3, 4, 5) loses
+    one, and rank 1's last is record 9 padded with copies of 0 (good) and 1 (bad). Every rank joins every
+    gather (no hang), each example counts once by dataset index, and metrics, per-example values and
+    bad-record counts equal those of one process."""
+    from rahf.data.synth import generate
+    from rahf.eval.evaluate import read_metrics
+
+    root = tmp_path / "data"
+    generate(root, train=8, dev=2, test=10, size=64, seed=1, workers=1)
+    records = jsonl(root / "test" / "manifest.jsonl")
+    bad = {1, 4, 6, 7, 8}
+    for i in bad:
+        (root / "test" / records[i]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    extra = args(root, tmp_path, "ev", "eval.batch_size=3", "data.on_bad_record=skip", "data.max_bad_fraction=0.9")
+    check = str(ROOT / "tests/dist_eval_check.py")
+    one = subprocess.run([sys.executable, check, str(tmp_path / "one"), *extra], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(LAUNCH + [check, str(tmp_path / "two"), *extra], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    m1, u1, _ = read_metrics(tmp_path / "one" / "metrics0.json")
+    ranks = [read_metrics(tmp_path / "two" / f"metrics{r}.json") for r in (0, 1)]
+    assert [r[2]["num_processes"] for r in ranks] == [2, 2]
+    good = {records[i]["uid"] for i in range(len(records)) if i not in bad}
+    assert m1["count/n"] == len(good) and m1["count/bad_records"] == len(bad)
+    for m2, u2, _ in ranks:
+        assert m2.keys() == m1.keys() and u2 == u1
+        # batch-mean losses: rank 1's last batch holds the padding copy of record 0 (documented)
+        differ = {k for k in m1 if not k.startswith("loss/") and not _close(m1[k], m2[k])
+                  and not (math.isnan(m1[k]) and math.isnan(m2[k]))}
+        assert not differ, {k: (m1[k], m2[k]) for k in differ}
+    e1 = _examples(tmp_path / "one" / "examples0.jsonl")
+    assert set(e1) == good
+    for r in (0, 1):
+        e2 = _examples(tmp_path / "two" / f"examples{r}.jsonl")
+        assert len(jsonl(tmp_path / "two" / f"examples{r}.jsonl")) == len(good)  # each once
+        assert e2.keys() == e1.keys()
+        assert all(_close(e1[u], e2[u]) for u in e1), [u for u in e1 if not _close(e1[u], e2[u])]
+    summary = {"test": {"bad": len(bad), "total": len(records)}}
+    assert [json.loads((tmp_path / d / f"bad{r}.json").read_text()) for d, r in (("one", 0), ("two", 0), ("two", 1))] \
+        == [summary] * 3
 
 
 # ------------------------------------------------------------------------- SLURM

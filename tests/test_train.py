@@ -126,7 +126,7 @@ def test_two_cpu_processes_stay_in_sync_and_evaluate_like_one(synth_root, tmp_pa
     info = json.loads((tmp_path / "digests" / "rank0.json").read_text())
     assert info["num_processes"] == 2 and info["step"] == 3
     # distributed evaluation of the export equals single-process evaluation (16 test examples, batch 5:
-    # uneven shards, so gather_for_metrics must drop the padding duplicates)
+    # uneven shards: the sampler's padding copies are dropped by dataset index)
     export = tmp_path / "ddp" / "export"
     ev = ["rahf.cli", "eval", "--checkpoint", str(export), "--data", str(synth_root), "--split", "test",
           "--batch-size", "5", "--num-workers", "0"]

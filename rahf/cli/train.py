@@ -84,6 +84,7 @@ def eval_settings(args: argparse.Namespace, measured: dict) -> dict:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     from ..data.format import open_dataset
     from ..data.torch_data import RAHFCollator, RAHFTorchDataset
@@ -120,7 +121,8 @@ def run_eval(args: argparse.Namespace) -> int:
                                                    "mixed_precision", "max_batches") if k not in given)
         print(f"settings recorded in {recorded}: {used}")
     keep = 6 if args.report else 0
-    ev = run_evaluation(model, loader, gather=acc.gather_for_metrics, decode=st["decode"], decode_also=st["decode_also"],
+    ev = run_evaluation(model, loader, gather_object=gather_object if acc.num_processes > 1 else None,
+                        decode=st["decode"], decode_also=st["decode_also"],
                         max_batches=st["max_batches"], progress=acc.is_local_main_process, autocast=acc.autocast,
                         examples=bool(args.report or args.predictions), keep_maps=keep)
     info = measurement(ev, split=st["split"], dataset=st["data"], checkpoint=args.checkpoint,

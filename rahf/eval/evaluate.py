@@ -1,6 +1,6 @@
 """The evaluation loop shared by training (dev and test), ``rahf eval`` and the eval report.
 
-No accelerate import: the caller passes ``gather`` (e.g. ``accelerator.gather_for_metrics``) to
+No accelerate import: the caller passes ``gather_object`` (``accelerate.utils.gather_object``) to
 evaluate under several processes, and ``autocast`` (e.g. ``accelerator.autocast``).
 
 The rules (docs/metrics.md has the full definitions):
@@ -13,7 +13,9 @@ The rules (docs/metrics.md has the full definitions):
   different stored sizes (a list, see :class:`rahf.data.torch_data.RAHFCollator`): each is
   measured at its own size.
 * Per-map values are computed where the batch is and gathered per example, so several processes
-  give the same numbers as one.
+  give the same numbers as one: every process joins one gather per batch (a batch whose records were
+  all bad contributes no rows), and examples are counted once each by dataset index, not by the
+  sampler's padding count, so bad records removed from a batch cannot shift which ones are dropped.
 * Losses (training's dev evaluation) compare with the ground truth resized to the model's size by
   :func:`rahf.data.torch_data.resize_map`, exactly as in training.
 
@@ -190,7 +192,8 @@ class Evaluation:
     ``metrics``: the flat metric dict (NaN where a metric cannot be computed); ``unavailable``:
     ``{key: reason}`` for those; ``examples``: per-example results when asked for; ``map_sizes``:
     the distinct stored ground-truth map sizes met, as [H, W]; ``decode`` / ``decode_also``: the
-    decodings of ``keyword/…`` and ``keyword_<decode_also>/…``."""
+    decodings of ``keyword/…`` and ``keyword_<decode_also>/…``; ``bad_records``: the records skipped
+    as bad while loading (``{"index", "uid", "problem"}``, each once, by dataset index; every process's)."""
 
     metrics: dict[str, float]
     unavailable: dict[str, str]
@@ -198,6 +201,7 @@ class Evaluation:
     map_sizes: list[list[int]] = field(default_factory=list)
     decode: Optional[str] = DEFAULT_DECODE
     decode_also: Optional[str] = None
+    bad_records: list[dict] = field(default_factory=list)
 
     def tables(self) -> str:
         """The metric tables (:func:`rahf.eval.metrics.format_tables`), ``n/a (reason)`` where unavailable."""
@@ -205,8 +209,34 @@ class Evaluation:
 
 
 # ------------------------------------------------------------------------------------------ the loop
+def _cpu(rows: dict) -> dict:
+    """``rows`` with its tensors on the CPU (to be pickled and sent to the other processes)."""
+    return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in rows.items()}
+
+
+def _new_rows(parts: Sequence[Optional[dict]], seen: set) -> Iterator[dict]:
+    """The gathered per-example rows of every process, in process order, each example once: rows whose
+    dataset index was met before (the copies a distributed sampler pads its last batches with) are
+    dropped; a part of no rows (``None``: every record of that process's batch was bad) adds none.
+    A part's batch-level ``loss`` is kept only when the part adds at least one example."""
+    for part in parts:
+        if part is None:
+            continue
+        index = part["index"].tolist()
+        keep = [j for j, i in enumerate(index) if i not in seen]
+        seen.update(index)
+        if not keep:
+            continue
+        if len(keep) == len(index):
+            yield part
+            continue
+        sel = torch.tensor(keep, dtype=torch.long)
+        yield {k: (v[sel] if isinstance(v, torch.Tensor) else [v[j] for j in keep] if isinstance(v, list) else v)
+               for k, v in part.items()}
+
+
 @torch.no_grad()
-def run_evaluation(model, loader, gather: Optional[Callable] = None, decode: Optional[str] = DEFAULT_DECODE,
+def run_evaluation(model, loader, gather_object: Optional[Callable] = None, decode: Optional[str] = DEFAULT_DECODE,
                    decode_also: Optional[str] = None, max_batches: Optional[int] = None, progress: bool = False,
                    autocast: Optional[Callable] = None, loss_fn=None, heatmaps: bool = True, examples: bool = False,
                    keep_maps: int = 0) -> Evaluation:
@@ -216,16 +246,24 @@ def run_evaluation(model, loader, gather: Optional[Callable] = None, decode: Opt
     ``decode``: ``"constrained"`` (default), ``"free"`` or None — the decoding of the ``keyword/…``
     metrics. ``decode_also``: another decoding of the same forward passes, reported as
     ``keyword_<mode>/…`` (e.g. ``keyword_free/f1``). ``loss_fn``: also report the mean losses
-    (``loss/…``). ``heatmaps=False`` skips the map metrics. ``examples``: also return per-example
-    results (:class:`Examples`); ``keep_maps``: with them, keep the predicted maps of the
-    ``keep_maps`` best and worst examples by implausibility CC (for the report).
+    (``loss/…``, the mean of the batches' losses). ``heatmaps=False`` skips the map metrics.
+    ``examples``: also return per-example results (:class:`Examples`); ``keep_maps``: with them, keep
+    the predicted maps of the ``keep_maps`` best and worst examples by implausibility CC (for the report).
+
+    Several processes: pass ``gather_object`` (``accelerate.utils.gather_object``: a list from every
+    process, concatenated in process order) and a loader sharded by ``accelerator.prepare``. Every
+    process then joins one gather per batch of the loader, including a batch whose records were all bad
+    (it contributes no example), and examples are de-duplicated by dataset index, which drops the
+    copies the sharded sampler pads its last batches with however many bad records were removed. The
+    per-example values are computed where the batch is, so every metric equals one process's; every
+    process returns the same :class:`Evaluation`. Records skipped as bad are counted once each
+    (``count/bad_records``, present when there are any) and listed in ``Evaluation.bad_records``.
     """
     decode, decode_also = check_decode(decode), check_decode(decode_also)
     if decode_also is not None and decode is None:
         raise ValueError("decode_also needs a primary decoding (decode)")
     if decode_also == decode:
         decode_also = None
-    gather = gather or (lambda x: x)
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
@@ -235,49 +273,48 @@ def run_evaluation(model, loader, gather: Optional[Callable] = None, decode: Opt
     n_loss = 0
     sizes: set[tuple[int, int]] = set()
     cut: dict[str, int] = {}  # texts the collator cut at the model's token limits
+    seen: set[int] = set()  # dataset indices of the examples counted (several processes)
+    bad: dict[tuple, dict] = {}  # records skipped as bad, by (dataset index, uid)
     try:
         for bi, batch in enumerate(tqdm(loader, desc="eval", disable=not progress, leave=False)):
             if max_batches is not None and bi >= max_batches:
                 break
-            if batch.get("empty"):  # every record of this batch was bad and skipped (counted by the loader)
-                continue
-            pred = predict_batch(model, batch, decode=decode, autocast=autocast, teacher_forcing=loss_fn is not None)
-            device = pred.scores.device
-            if loss_fn is not None:
-                losses = loss_fn(pred.output, _loss_batch(batch, pred.heatmaps[MAP_NAMES[0]].shape[-2:]))
-                for k, v in losses.items():  # local mean (this process's batches)
-                    loss_sums[k] = loss_sums.get(k, 0.0) + float(v.detach())
-                n_loss += 1
-            per = {"scores_pred": pred.scores, "scores_true": batch["scores"].float().to(device)}
-            per.update({k: batch[k].to(device).long() for k in TRUNCATION_KEYS if k in batch})
-            if heatmaps:
-                for m in MAP_NAMES:
-                    for k, v in map_metric_values(pred.heatmaps[m], batch[f"{m}_map"]).items():
-                        per[f"{m}/{k}"] = v.to(device).double()
-                per["gt_size"] = torch.tensor([list(g.shape[-2:]) for g in _maps_of(batch[f"{MAP_NAMES[0]}_map"])],
-                                              dtype=torch.long, device=device)
-            if collector is not None:
-                per["index"] = batch["index"].to(device)
-                if keep_maps and heatmaps:
-                    per.update({f"pred/{m}": pred.heatmaps[m] for m in MAP_NAMES})
-            per = gather(per)
-            for k in TRUNCATION_KEYS:
-                if k in per:
-                    cut[k] = cut.get(k, 0) + int(per[k].sum())
-            acc.update(pred_scores=per["scores_pred"], true_scores=per["scores_true"])
-            if heatmaps:
-                for m in MAP_NAMES:
-                    acc.add_map_values(m, {k.split("/", 1)[1]: v.cpu() for k, v in per.items() if k.startswith(m + "/")})
-                sizes.update(tuple(s) for s in per["gt_size"].cpu().tolist())
-            targets = gather(list(batch["tagged_prompts"]))
-            tagged = gather(pred.tagged) if decode else None
-            if decode:
-                acc.update(pred_tagged=tagged, target_tagged=targets)
-            if acc_also is not None:
-                also = decode_tagged(model, pred.output, batch["prompts"], decode_also, autocast=autocast)
-                acc_also.update(pred_tagged=gather(also), target_tagged=targets)
-            if collector is not None:
-                collector.add(per, gather(list(batch["uids"])), gather(list(batch["prompts"])), tagged, targets)
+            rows = None if batch.get("empty") else _batch_rows(model, batch, decode, decode_also, autocast, loss_fn,
+                                                                heatmaps, collector is not None, keep_maps > 0)
+            if gather_object is not None and rows is not None and "index" not in rows:
+                raise ValueError("evaluating with gather_object needs the batches' dataset indices (batch['index'], "
+                                 "as RAHFCollator makes)")
+            bad_here = list(batch.get("bad_records") or [])
+            if gather_object is None:
+                parts = [rows]
+            else:  # every process joins, an empty batch included
+                gathered = gather_object([(None if rows is None else _cpu(rows), bad_here)])
+                parts = [p[0] for p in gathered]
+                bad_here = [r for p in gathered for r in p[1]]
+            for r in bad_here:  # a padding copy of a bad record is the same record
+                bad.setdefault((int(r.get("index", -1)), str(r.get("uid"))), r)
+            for per in (parts if gather_object is None else _new_rows(parts, seen)):
+                if per is None:
+                    continue
+                if "loss" in per:
+                    for k, v in per["loss"].items():
+                        loss_sums[k] = loss_sums.get(k, 0.0) + v
+                    n_loss += 1
+                for k in TRUNCATION_KEYS:
+                    if k in per:
+                        cut[k] = cut.get(k, 0) + int(per[k].sum())
+                acc.update(pred_scores=per["scores_pred"], true_scores=per["scores_true"])
+                if heatmaps:
+                    for m in MAP_NAMES:
+                        acc.add_map_values(m, {k.split("/", 1)[1]: v.cpu() for k, v in per.items()
+                                               if k.startswith(m + "/")})
+                    sizes.update(tuple(s) for s in per["gt_size"].cpu().tolist())
+                if decode:
+                    acc.update(pred_tagged=per["tagged"], target_tagged=per["targets"])
+                if acc_also is not None:
+                    acc_also.update(pred_tagged=per["also"], target_tagged=per["targets"])
+                if collector is not None:
+                    collector.add(per, per["uids"], per["prompts"], per.get("tagged"), per["targets"])
     finally:
         if was_training:
             model.train()
@@ -292,18 +329,52 @@ def run_evaluation(model, loader, gather: Optional[Callable] = None, decode: Opt
         metrics[f"loss/{k}"] = v / n_loss
     for k, n in cut.items():  # count/truncated_prompts, count/truncated_targets
         metrics[f"count/truncated_{k.split('_')[0]}s"] = float(n)
+    if bad:
+        metrics["count/bad_records"] = float(len(bad))
     metrics["summary/mean"] = summary_metric(metrics)
     if math.isnan(metrics["summary/mean"]):
         unavailable["summary/mean"] = "none of its metrics is available"
     return Evaluation(metrics=metrics, unavailable=unavailable, examples=collector.result() if collector else None,
-                      map_sizes=[list(s) for s in sorted(sizes)], decode=decode, decode_also=decode_also)
+                      map_sizes=[list(s) for s in sorted(sizes)], decode=decode, decode_also=decode_also,
+                      bad_records=[bad[i] for i in sorted(bad)])
 
 
-def evaluate(model, loader, gather: Optional[Callable] = None, decode: Optional[str] = DEFAULT_DECODE,
+def _batch_rows(model, batch: dict, decode, decode_also, autocast, loss_fn, heatmaps: bool, examples: bool,
+                keep_maps: bool) -> dict:
+    """One batch's per-example results (tensors of B rows, lists of B entries; ``loss``: the batch's
+    mean losses), computed where the batch is."""
+    pred = predict_batch(model, batch, decode=decode, autocast=autocast, teacher_forcing=loss_fn is not None)
+    device = pred.scores.device
+    per = {"scores_pred": pred.scores, "scores_true": batch["scores"].float().to(device),
+           "targets": list(batch["tagged_prompts"])}
+    if "index" in batch:
+        per["index"] = batch["index"]
+    if examples:
+        per.update(uids=list(batch["uids"]), prompts=list(batch["prompts"]))
+    if loss_fn is not None:
+        losses = loss_fn(pred.output, _loss_batch(batch, pred.heatmaps[MAP_NAMES[0]].shape[-2:]))
+        per["loss"] = {k: float(v.detach()) for k, v in losses.items()}
+    per.update({k: batch[k].long() for k in TRUNCATION_KEYS if k in batch})
+    if heatmaps:
+        for m in MAP_NAMES:
+            for k, v in map_metric_values(pred.heatmaps[m], batch[f"{m}_map"]).items():
+                per[f"{m}/{k}"] = v.double()
+        per["gt_size"] = torch.tensor([list(g.shape[-2:]) for g in _maps_of(batch[f"{MAP_NAMES[0]}_map"])],
+                                      dtype=torch.long)
+        if keep_maps:
+            per.update({f"pred/{m}": pred.heatmaps[m] for m in MAP_NAMES})
+    if decode:
+        per["tagged"] = list(pred.tagged)
+    if decode_also:
+        per["also"] = decode_tagged(model, pred.output, batch["prompts"], decode_also, autocast=autocast)
+    return per
+
+
+def evaluate(model, loader, gather_object: Optional[Callable] = None, decode: Optional[str] = DEFAULT_DECODE,
              max_batches: Optional[int] = None, progress: bool = False, autocast: Optional[Callable] = None,
              loss_fn=None, heatmaps: bool = True, decode_also: Optional[str] = None) -> dict[str, float]:
     """:func:`run_evaluation`'s metric dict (NaN where a metric is unavailable)."""
-    return run_evaluation(model, loader, gather=gather, decode=decode, decode_also=decode_also,
+    return run_evaluation(model, loader, gather_object=gather_object, decode=decode, decode_also=decode_also,
                           max_batches=max_batches, progress=progress, autocast=autocast, loss_fn=loss_fn,
                           heatmaps=heatmaps).metrics
 

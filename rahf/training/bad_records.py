@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 from ..schema import DataError
 
@@ -143,21 +143,3 @@ class BadRecords:
         if len(lines) > SHOW:
             self.accelerator.print(f"  ... and {len(lines) - SHOW} more")
 
-
-class SkipEmpty:
-    """Iterates an evaluation loader: collects the batches' ``bad_records``, passes on only batches
-    that hold examples, and calls ``after_first`` once the first batch has been consumed."""
-
-    def __init__(self, loader, after_first: Optional[Callable[[], object]] = None):
-        self.loader, self.after_first, self.bad = loader, after_first, []
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            self.bad.extend(batch.get("bad_records") or [])
-            if batch["uids"]:
-                yield batch
-            if i == 0 and self.after_first is not None:
-                self.after_first()

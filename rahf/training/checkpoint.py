@@ -5,6 +5,9 @@ A checkpoint directory ``checkpoints/step_000123/`` holds, for the objects named
 
 * ``model.safetensors``   the model's weights (the unwrapped model)
 * ``optimizer.pt``        the optimizer's state dict (tensors and numbers; loaded with ``weights_only=True``)
+* ``fsdp/``               under FSDP, instead of those two: the model's and the optimizer's sharded state
+                          (``SHARDED_STATE_DICT``, every process writes its shards through accelerate's FSDP
+                          support and ``torch.distributed.checkpoint``; the same number of processes resumes it)
 * ``scheduler.json``      the learning-rate scheduler's state dict
 * ``rng_<rank>.pt``       torch (and CUDA) RNG states of each process (``weights_only=True``)
 * ``rng_<rank>.json``     Python and NumPy RNG states of each process
@@ -15,7 +18,10 @@ A checkpoint directory ``checkpoints/step_000123/`` holds, for the objects named
 
 Writes go to ``.tmp-step_000123/`` first and are renamed into place, so a kill at any point leaves
 either the previous checkpoints or a complete new one; ``--resume latest`` ignores anything else.
-The accelerator is used only through its public API (process rank and count, barriers, printing).
+The accelerator is used only through its public API (process rank and count, barriers, printing,
+and under FSDP the plugin and accelerate's FSDP state-dict helpers, those ``accelerator.save_state`` /
+``load_state`` use; the RNG states stay ours, written without pickling). An exported model
+(:func:`atomic_save_pretrained`) is always whole: under FSDP :func:`full_model` gathers it first.
 """
 
 from __future__ import annotations
@@ -50,6 +56,35 @@ class Checkpointed:
     model: torch.nn.Module  # unwrapped (no DDP / compile wrapper): its state dict keys are the model's own
     optimizer: Any  # anything with state_dict() / load_state_dict(), e.g. accelerate's wrapped optimizer
     scheduler: Any  # likewise; its state dict must be JSON (LambdaLR's is: numbers and lists)
+    wrapped: Optional[torch.nn.Module] = None  # the prepared model (FSDP: its sharded state is saved through it)
+
+
+def is_fsdp(accelerator) -> bool:
+    """Whether ``accelerator`` shards the model with FSDP."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _sharded_plugin(accelerator):
+    """The FSDP plugin, set to ``SHARDED_STATE_DICT`` (each process saves and loads only its shards)."""
+    plugin = accelerator.state.fsdp_plugin
+    plugin.set_state_dict_type("SHARDED_STATE_DICT")
+    return plugin
+
+
+def full_model(accelerator, wrapped, unwrapped):
+    """The model to export whole: ``unwrapped`` itself, except under FSDP, where the full state dict is
+    gathered (``FULL_STATE_DICT``, a collective: every process calls this) and loaded into a copy on
+    the CPU of the main process (None on the others)."""
+    if not is_fsdp(accelerator):
+        return unwrapped
+    state = accelerator.get_state_dict(wrapped)
+    if not accelerator.is_main_process:
+        return None
+    model = type(unwrapped)(unwrapped.config, tokenizer=unwrapped.tokenizer)
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def _write_json(path: Path, data) -> None:
@@ -175,7 +210,7 @@ class CheckpointManager:
                 manifest = json.loads((p / MANIFEST).read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if all((p / f).is_file() for f in manifest.get("files", [])):
+            if all((p / f).exists() for f in manifest.get("files", [])):
                 out.append((int(m.group(1)), p))
         return sorted(out)
 
@@ -207,9 +242,17 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
+        fsdp = is_fsdp(accelerator)
+        if fsdp:  # collective: every process writes its shards
+            from accelerate.utils import save_fsdp_model, save_fsdp_optimizer
+
+            plugin = _sharded_plugin(accelerator)
+            save_fsdp_model(plugin, accelerator, objects.wrapped, str(tmp / "fsdp"))
+            save_fsdp_optimizer(plugin, accelerator, objects.optimizer, objects.wrapped, str(tmp / "fsdp"))
         if accelerator.is_main_process:
-            save_model(objects.model, str(tmp / "model.safetensors"))
-            torch.save(objects.optimizer.state_dict(), tmp / "optimizer.pt")
+            if not fsdp:
+                save_model(objects.model, str(tmp / "model.safetensors"))
+                torch.save(objects.optimizer.state_dict(), tmp / "optimizer.pt")
             _write_json(tmp / "scheduler.json", objects.scheduler.state_dict())
             _write_json(tmp / "trainer_state.json", state)
             _write_json(tmp / "config.json", config)
@@ -221,10 +264,11 @@ class CheckpointManager:
         if accelerator.is_main_process:
             files = sorted(p.name for p in tmp.iterdir())
             _write_json(tmp / MANIFEST, {"step": step, "files": files, "num_processes": accelerator.num_processes,
-                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            for p in tmp.iterdir():  # flush file contents before the rename makes them visible
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+                                         "fsdp": fsdp, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            for p in tmp.rglob("*"):  # flush file contents before the rename makes them visible
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -255,8 +299,19 @@ class CheckpointManager:
                 raise ValueError(f"checkpoint {path} was written with a different config; refusing to resume "
                                  f"(pass --force to resume anyway):\n{diff}")
             accelerator.print(f"warning: resuming {path} with a different config (--force):\n{diff}")
-        load_model(objects.model, str(path / "model.safetensors"), strict=True, device=str(accelerator.device))
-        objects.optimizer.load_state_dict(_load_tensors(path / "optimizer.pt"))
+        sharded, fsdp = (path / "fsdp").is_dir(), is_fsdp(accelerator)
+        if sharded != fsdp:
+            raise ValueError(f"checkpoint {path} was written {'under' if sharded else 'without'} FSDP; resume it "
+                             f"{'under' if sharded else 'without'} FSDP (the launch config it was written with)")
+        if fsdp:  # collective: every process reads its shards
+            from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
+
+            plugin = _sharded_plugin(accelerator)
+            load_fsdp_model(plugin, accelerator, objects.wrapped, str(path / "fsdp"))
+            load_fsdp_optimizer(plugin, accelerator, objects.optimizer, objects.wrapped, str(path / "fsdp"))
+        else:
+            load_model(objects.model, str(path / "model.safetensors"), strict=True, device=str(accelerator.device))
+            objects.optimizer.load_state_dict(_load_tensors(path / "optimizer.pt"))
         objects.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         rank = accelerator.process_index
         rng_file = path / f"rng_{rank}.pt"

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object, send_to_device, set_seed
 from tqdm.auto import tqdm
 
 from .._extras import require
@@ -44,9 +44,9 @@ from ..model.card import write_model_card
 from ..model.loss import RAHFLoss
 from ..model.pretrained import check_random_init
 from ..model.rahf_model import RAHF
-from .bad_records import BadRecords, SkipEmpty
+from .bad_records import BadRecords
 from .caps import EarlyStop, TimeLimit, stopped_early_field
-from .checkpoint import CheckpointManager, Checkpointed, atomic_save_pretrained, write_training_info
+from .checkpoint import CheckpointManager, Checkpointed, atomic_save_pretrained, full_model, write_training_info
 from .config import TrainConfig, add_arguments, default_config_path, resolve_config
 from .faults import FAULT_ENV, fault, parse_faults
 from .loop_utils import EpochSampler, StepDecision, StopRequest, decide_together, make_loader
@@ -196,7 +196,8 @@ class Trainer:
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
         self.loss_fn = RAHFLoss(cfg.model.loss)
         self.unwrapped = acc.unwrap_model(self.model, keep_torch_compile=False)
-        self.checkpointed = Checkpointed(model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.checkpointed = Checkpointed(model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,
+                                         wrapped=self.model)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.grad_accum)
         self.samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
         n_params = sum(p.numel() for p in model.parameters())
@@ -498,8 +499,6 @@ class Trainer:
         self._step_uids = []
         acc = self.accelerator
         if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
             parts = gather_object([(uids, bad)])
             uids = [u for p in parts for u in p[0]]
             bad = [b for p in parts for b in p[1]]
@@ -554,13 +553,12 @@ class Trainer:
         :class:`rahf.eval.evaluate.Evaluation`. ``loss``: also the mean losses; ``decode_also``: another
         decoding's keyword metrics (``keyword_<mode>/…``); ``examples``: per-example results too."""
         acc = self.accelerator
-        step = self.step
-        batches = SkipEmpty(loader, after_first=lambda: fault("mid_eval", step))
-        ev = run_evaluation(model or self.model, batches, gather=acc.gather_for_metrics, decode=self.cfg.eval.decode,
-                            decode_also=decode_also, max_batches=self.cfg.eval.max_batches,
+        ev = run_evaluation(model or self.model, _AfterFirst(loader, lambda: fault("mid_eval", self.step)),
+                            gather_object=gather_object if acc.num_processes > 1 else None,
+                            decode=self.cfg.eval.decode, decode_also=decode_also, max_batches=self.cfg.eval.max_batches,
                             progress=acc.is_local_main_process, autocast=acc.autocast,
                             loss_fn=self.loss_fn if loss else None, examples=examples)
-        self.bad.loaded(split, batches.bad, self.step, self.epoch)
+        self.bad.loaded(split, ev.bad_records, self.step, self.epoch, gathered=True)  # every process's, each once
         self.bad.end_epoch(split, self.step, self.epoch)
         return ev
 
@@ -598,9 +596,10 @@ class Trainer:
                              for k in ("score/plcc/overall", "heatmap/cc/implausibility", "keyword/f1") if k in metrics))
         if self.is_better(value):  # an unavailable (NaN) value never is
             self.best, self.best_step = value, self.step
+            whole = full_model(acc, self.model, self.unwrapped)  # FSDP: gathered (every process), else the model
             if acc.is_main_process:
                 best = self.run_dir / "best"
-                atomic_save_pretrained(self.unwrapped, best, {"step": self.step, "metric": cfg.eval.metric, "value": value},
+                atomic_save_pretrained(whole, best, {"step": self.step, "metric": cfg.eval.metric, "value": value},
                                        training=self.training_info(self.step))
                 write_metrics(best / "metrics.json", metrics, ev.unavailable, self.measured(ev, cfg.data.eval_split, best))
                 write_model_card(best)
@@ -628,6 +627,7 @@ class Trainer:
             self.eval_and_keep_best()
         export = self.run_dir / "export"
         best = self.run_dir / "best"
+        whole = None if best.is_dir() else full_model(acc, self.model, self.unwrapped)
         if acc.is_main_process:
             if best.is_dir():
                 if export.exists():
@@ -635,7 +635,7 @@ class Trainer:
                 shutil.copytree(best, export)
                 write_training_info(export, self.training_info(self.best_step))
             else:
-                atomic_save_pretrained(self.unwrapped, export, {"step": self.step},
+                atomic_save_pretrained(whole, export, {"step": self.step},
                                        training=self.training_info(self.step))
         acc.wait_for_everyone()
         result = {"step": self.step, "max_steps": cfg.train.max_steps,
@@ -696,6 +696,23 @@ class Trainer:
                 acc.print(f"done: {done}")
         acc.end_training()
         return result
+
+
+class _AfterFirst:
+    """An evaluation loader that calls ``hook`` once its first batch has been consumed (the
+    ``mid_eval`` fault point)."""
+
+    def __init__(self, loader, hook):
+        self.loader, self.hook = loader, hook
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            yield batch
+            if i == 0:
+                self.hook()
 
 
 def _spoiled(batch: dict) -> dict:
