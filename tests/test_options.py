@@ -189,6 +189,22 @@ def test_init_from_starts_from_the_given_weights(synth_root, tmp_path):
     assert not torch.equal(fresh["projection.bias"], saved["projection.bias"])
 
 
+def test_init_from_reads_the_data_as_the_loaded_model_does(synth_root, tmp_path, capsys):
+    """run.init_from: images are normalised with the loaded model's mean/std (not the config's), the
+    training config's loss weights apply, and the export carries both."""
+    cfg = resolve_config(None, opts(synth_root, tmp_path, "src2", "model.vision.mean=[0.1,0.2,0.3]",
+                                    "model.vision.std=[0.9,0.8,0.7]"))
+    RAHF(cfg.model).save_pretrained(tmp_path / "src2_ckpt")
+    t = trainer(synth_root, tmp_path, "init2", f"run.init_from={tmp_path / 'src2_ckpt'}", "model.loss.score=3.5",
+                "train.max_steps=1")
+    t.train()
+    assert "the data follow the loaded model's vision settings (mean: " in capsys.readouterr().out
+    assert (t.train_ds.mean, t.train_ds.std) == ((0.1, 0.2, 0.3), (0.9, 0.8, 0.7))
+    assert t.loss_fn.cfg.score == 3.5
+    exported = RAHF.from_pretrained(tmp_path / "init2" / "export").config
+    assert tuple(exported.vision.mean) == (0.1, 0.2, 0.3) and exported.loss.score == 3.5
+
+
 # ----------------------------------------------------------------------------- execution options
 def test_bf16_mixed_precision_runs_linears_in_bf16(synth_root, tmp_path, fresh_accelerate):
     """train.mixed_precision=bf16: the training forward runs under bf16 autocast (a Linear's output is

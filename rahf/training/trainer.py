@@ -142,6 +142,18 @@ class Trainer:
         ensure_data(cfg, acc)
         if cfg.run.init_from:
             model = RAHF.from_pretrained(cfg.run.init_from)
+            # the loaded model's architecture and image preprocessing (size, mean/std, heatmap size) rule the
+            # data; the training config's loss weights apply
+            def norm(x):
+                return tuple(x) if isinstance(x, (list, tuple)) else x
+
+            differ = [f"{k}: {getattr(cfg.model.vision, k)} -> {getattr(model.config.vision, k)}"
+                      for k in ("img_size", "mean", "std")
+                      if norm(getattr(cfg.model.vision, k)) != norm(getattr(model.config.vision, k))]
+            if differ:
+                acc.print(f"run.init_from: the data follow the loaded model's vision settings ({'; '.join(differ)})")
+            model.config.loss = cfg.model.loss
+            cfg.model = model.config
         else:  # the checkpoints' T5 architecture and image mean/std, when pretrained encoders are configured
             model = RAHF.from_pretrained_encoders(cfg.model)
             cfg.model = model.config
