@@ -154,6 +154,19 @@ def test_counterfactual_metrics_on_the_tiny_model(synth_root):
     hits = [parse_tagged(tagged[k])[1][items[k].swapped] for _, k in variants if items[k].swapped_bad]
     assert len(hits) < len(variants)  # a swap may fit the picture as well as the own word
     assert m["counterfactual/swapped_tagged"] == pytest.approx(np.mean(hits), abs=1e-12)
+    # the same by swap kind: each kind's pairs and hits, and together they make up the whole
+    kinds = {items[k].kind for _, k in variants}
+    assert len(kinds) > 1 and None not in kinds
+    for kind in kinds:
+        kw_ = [w for (o, k), w in zip(pairs, wins) if items[k].kind == kind]
+        kh = [parse_tagged(tagged[k])[1][items[k].swapped] for _, k in variants
+              if items[k].swapped_bad and items[k].kind == kind]
+        assert m[f"counterfactual/pairs/{kind}"] == len(kw_)
+        assert m[f"counterfactual/pairwise_acc/{kind}"] == pytest.approx(np.mean(kw_), abs=1e-12, nan_ok=True) \
+            if kw_ else math.isnan(m[f"counterfactual/pairwise_acc/{kind}"])
+        assert m[f"counterfactual/swapped_tagged/{kind}"] == pytest.approx(np.mean(kh), abs=1e-12) \
+            if kh else math.isnan(m[f"counterfactual/swapped_tagged/{kind}"])
+    assert sum(m[f"counterfactual/pairs/{k}"] for k in kinds) == len(pairs)
     # spreads: the standard deviation within each image's prompts (mean over images) and across own prompts
     groups = sorted(own)
     within = np.mean([np.std([pred[k] for k, it in enumerate(items) if it.group == g]) for g in groups])
@@ -166,6 +179,7 @@ def test_counterfactual_metrics_on_the_tiny_model(synth_root):
     kw = keyword_metrics(tagged, [it.tagged for it in items])
     assert m["counterfactual/variant_keyword_f1"] == pytest.approx(kw["f1"], abs=1e-12, nan_ok=True)
     assert "one-word swaps, exact labels" in format_counterfactual(m)
+    assert f"{sorted(kinds)[0]} " in format_counterfactual(m).split("by swap kind")[1]
 
 
 def test_counterfactual_metrics_of_the_hand_set_model(synth_root, known_ckpt):

@@ -11,6 +11,9 @@ run and every caller gets the same ones). Keys (all under ``counterfactual/``):
   the model tags the swapped word (constrained decoding);
 * ``aligned_tagged``: over records whose own prompt has no misaligned word, the fraction in which the
   model tags some word of it;
+* ``pairwise_acc/<kind>``, ``pairs/<kind>``, ``swapped_tagged/<kind>``: the same by the kind of word
+  swapped (``colour``, ``object``, ``count``, ``size``, ``relation``; kinds met only), to see which
+  comparisons a model makes and which it does not;
 * ``spread_within`` / ``spread_across``: the standard deviation of the predicted alignment over the
   prompts of one image (mean over images) and over the images' own prompts; a model that ignores the
   prompt has ``spread_within`` near 0. ``label_spread_within`` / ``label_spread_across``: the same for
@@ -58,6 +61,7 @@ class _Item:
     true_alignment: Optional[float] = None  # noise-free label (synth)
     mis_map: Optional[np.ndarray] = field(default=None, repr=False)
     swapped_bad: bool = True  # whether the swapped word is misaligned in the label
+    kind: Optional[str] = None  # the swap's kind (rahf.swaps), for variants
 
 
 def _scorer(model_or_scorer):
@@ -91,7 +95,7 @@ def build_items(split, max_records: Optional[int] = None, variants: int = 4, see
             exact = False
             items.append(_Item(i, ex.prompt, tagged=ex.tagged_prompt, alignment=ex.scores["alignment"]))
             for s in word_swaps(ex.prompt, ex.uid, variants, vocab, seed=seed):
-                items.append(_Item(i, s.prompt, s.index))
+                items.append(_Item(i, s.prompt, s.index, kind=s.kind))
             continue
         true_al = sv.true_alignment_of(rec.scene.spec, {g: {k} for g, k in rec.scene.errors.items()}, rec.scene.place_error)
         items.append(_Item(i, ex.prompt, tagged=rec.tagged_prompt, alignment=rec.scores["alignment"],
@@ -100,7 +104,7 @@ def build_items(split, max_records: Optional[int] = None, variants: int = 4, see
             r = v.record
             bad = parse_tagged(r.tagged_prompt)[1][v.swap.index]
             items.append(_Item(i, r.prompt, v.swap.index, r.tagged_prompt, r.scores["alignment"], v.true_alignment,
-                               r.misalignment_map, bad))
+                               r.misalignment_map, bad, v.swap.kind))
     return images, items, exact
 
 
@@ -144,6 +148,7 @@ def counterfactual_metrics(model_or_scorer, split, max_records: Optional[int] = 
     # pairs: own prompt vs each variant that fits the image worse
     own_idx = {it.group: k for k, it in enumerate(items) if it.swapped is None}
     wins, swapped_hits = [], []
+    by_kind: dict[str, tuple[list, list]] = {}  # kind -> (wins, swapped hits)
     for k, it in enumerate(items):
         if it.swapped is None:
             continue
@@ -152,12 +157,18 @@ def counterfactual_metrics(model_or_scorer, split, max_records: Optional[int] = 
         if worse:
             a, b = pred[own_idx[it.group]], pred[k]
             wins.append(1.0 if a > b else 0.5 if a == b else 0.0)  # ties count half
+            by_kind.setdefault(it.kind, ([], []))[0].append(wins[-1])
         if it.swapped_bad:
             words, flags = parse_tagged(tagged[k]) if tagged[k] else ([], [])
             swapped_hits.append(float(it.swapped < len(flags) and flags[it.swapped]))
+            by_kind.setdefault(it.kind, ([], []))[1].append(swapped_hits[-1])
     m["pairwise_acc"] = float(np.mean(wins)) if wins else math.nan
     m["pairs"] = float(len(wins))
     m["swapped_tagged"] = float(np.mean(swapped_hits)) if swapped_hits else math.nan
+    for kind, (w, h) in sorted((k, v) for k, v in by_kind.items() if k is not None):
+        m[f"pairwise_acc/{kind}"] = float(np.mean(w)) if w else math.nan
+        m[f"pairs/{kind}"] = float(len(w))
+        m[f"swapped_tagged/{kind}"] = float(np.mean(h)) if h else math.nan
     aligned = [k for k, it in enumerate(items) if it.swapped is None and it.tagged is not None
                and not any(parse_tagged(it.tagged)[1])]
     m["aligned_tagged"] = (float(np.mean([any(parse_tagged(tagged[k])[1]) if tagged[k] else 0.0 for k in aligned]))
@@ -188,6 +199,10 @@ def counterfactual_metrics(model_or_scorer, split, max_records: Optional[int] = 
     return {PREFIX + k: v for k, v in m.items()}
 
 
+def _pct(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.0f} %"
+
+
 def format_counterfactual(metrics: dict[str, float]) -> str:
     """The counterfactual block as a few printable lines."""
     g = {k[len(PREFIX):]: v for k, v in metrics.items() if k.startswith(PREFIX)}
@@ -198,6 +213,10 @@ def format_counterfactual(metrics: dict[str, float]) -> str:
              f"  own prompt scored above a worse variant: {100 * g['pairwise_acc']:.1f} % of {int(g['pairs'])} pairs;"
              f" swapped word tagged: {100 * g['swapped_tagged']:.1f} %; aligned prompts tagged: {100 * g['aligned_tagged']:.1f} %",
              f"  alignment spread within an image {g['spread_within']:.3f}, across images {g['spread_across']:.3f}"]
+    kinds = [k.split("/", 1)[1] for k in g if k.startswith("pairs/")]
+    if kinds:
+        lines.append("  by swap kind (pairwise / swapped tagged): " + "; ".join(
+            f"{k} {_pct(g[f'pairwise_acc/{k}'])} / {_pct(g[f'swapped_tagged/{k}'])}" for k in kinds))
     if g.get("exact"):
         lines.append(f"  on own + variant prompts: alignment PLCC {g['variant_alignment_plcc']:.3f} (within images "
                      f"{g['within_alignment_plcc']:.3f}), keyword F1 {100 * g['variant_keyword_f1']:.1f}, "
