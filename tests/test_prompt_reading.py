@@ -244,3 +244,27 @@ def test_easy_indices_follow_the_generator(tmp_path):
                for e, f in zip(split.entries, flags) if not f) > 0  # full scenes have several groups
     with pytest.raises(ValueError, match="easy scenes"):
         easy_indices(str(tmp_path), "dev", [])
+
+
+@pytest.mark.slow
+def test_training_job_reports_the_word_head_tags_beside_the_decoder(synth_root, tmp_path):
+    """A job with a word head: the test evaluation's keyword_word_head/... equal rahf eval --decode word_head
+    on the export; a model without a word head keeps free decoding as the second one."""
+    import json
+
+    from rahf.cli import main as rahf_main
+    from rahf.training.trainer import main as train_main
+    from test_train import small
+
+    args = small(synth_root, tmp_path, "wh", "model.word_head=true", "train.max_steps=2", "eval.every=0",
+                 "eval.counterfactual_records=0")
+    assert train_main(args) == 0
+    export = tmp_path / "wh" / "export"
+    m = json.loads((export / "metrics.json").read_text())
+    assert "keyword/f1" in m and "keyword_word_head/f1" in m and "keyword_free/f1" not in m
+    out = tmp_path / "wh_eval.json"
+    assert rahf_main(["eval", "--checkpoint", str(export), "--data", str(synth_root), "--split", "test",
+                      "--decode", "word_head", "--counterfactual", "0", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    for k in ("precision", "recall", "f1"):
+        assert again[f"keyword/{k}"] == pytest.approx(m[f"keyword_word_head/{k}"], abs=1e-12)

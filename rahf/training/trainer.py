@@ -661,9 +661,11 @@ class Trainer:
             best_model = RAHF.from_pretrained(export).to(acc.device)
             test_ds = self.open_split(cfg.data.test_split, stored_maps=True)
             loader = acc.prepare(make_loader(test_ds, self.collate, cfg.eval.batch_size, cfg))
-            # keyword metrics under the other decoding too, for comparison (keyword_<other>/...)
-            ev = self.evaluate(loader, cfg.data.test_split, model=best_model, decode_also=other_decode(cfg.eval.decode),
-                               loss=False)
+            # keyword metrics under another decoding too, for comparison (keyword_<other>/...): a model with a
+            # word head reports its word-head tags beside the decoder's, any other model free beside constrained
+            also = ("word_head" if best_model.word_head is not None and cfg.eval.decode not in (None, "word_head")
+                    else other_decode(cfg.eval.decode))
+            ev = self.evaluate(loader, cfg.data.test_split, model=best_model, decode_also=also, loss=False)
             metrics = ev.metrics
             cf_records = cfg.eval.counterfactual_records
             if cf_records != 0 and acc.is_main_process:  # does the model read the prompt? (one-word swaps)
