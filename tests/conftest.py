@@ -22,6 +22,17 @@ def synth_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_synth_root(tmp_path_factory):
+    """A smaller synth dataset at 64 px (32 train / 8 dev / 8 test) for trainer runs that must stay fast
+    (multi-process, time caps)."""
+    from rahf.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth64")
+    generate(root, train=32, dev=8, test=8, size=64, seed=0, workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """An untrained tiny model saved with save_pretrained (seeded: the same weights every run)."""
     from rahf import RAHF, RAHFConfig

@@ -17,12 +17,8 @@ SHRINK = ["model.vision.img_size=64", "model.vision.depth=1", "model.text.num_la
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from rahf.data.synth import generate
-
-    root = tmp_path_factory.mktemp("caps_data")
-    generate(root, train=16, dev=4, test=4, size=64, seed=0, workers=1)
-    return root
+def data(small_synth_root):
+    return small_synth_root
 
 
 def settings(data, out, name, *extra):

@@ -65,12 +65,8 @@ def test_who_names_every_rank():
 
 # ------------------------------------------------------------------------- two processes
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from rahf.data.synth import generate
-
-    root = tmp_path_factory.mktemp("dist_data")
-    generate(root, train=32, dev=8, test=8, size=64, seed=0, workers=1)
-    return root
+def data(small_synth_root):
+    return small_synth_root
 
 
 def args(data, out, name, *extra):

@@ -287,6 +287,8 @@ def _settings(items) -> dict:
 
 
 def cmd_cbm_apply(args) -> int:
+    from scipy.special import expit
+
     from ..reward.cbm import Aggregator, read_table
 
     agg = Aggregator.load(args.model)
@@ -303,10 +305,10 @@ def cmd_cbm_apply(args) -> int:
     X = agg._matrix(rows)
     contrib = agg.contributions(X)
     logit = contrib.sum(1) + agg.bias
-    prob = 1.0 / (1.0 + np.exp(-logit))
+    prob = expit(logit)
     if settings:
         logit_after = agg.decision_function(agg.intervene(X, settings))
-        prob_after = 1.0 / (1.0 + np.exp(-logit_after))
+        prob_after = expit(logit_after)
     f = open(args.out, "w") if args.out else sys.stdout
     try:
         for i, r in enumerate(rows):
