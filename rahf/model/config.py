@@ -27,6 +27,9 @@ from ..configtools import ConfigError, from_dict, merge, to_dict
 from ..schema import MAP_NAMES, SCORE_NAMES, TASKS  # noqa: F401  (MAP_NAMES, SCORE_NAMES re-exported for old imports)
 
 
+VISION_STEMS = ("patch", "conv")
+
+
 @dataclass
 class VisionConfig:
     """The timm ViT image encoder. Geometry (patch grid) is read from the built model, not parsed from names.
@@ -41,6 +44,12 @@ class VisionConfig:
     num_heads: Optional[int] = 4
     mlp_ratio: Optional[float] = 2.0
     drop_path_rate: float = 0.0
+    # how pixels become patch tokens: "patch" (one linear map per patch, every pretrained ViT's) or "conv"
+    # (log2(patch_size) stride-2 3x3 convolutions with LayerNorm and GELU, widths rising to embed_dim, then
+    # the transformer blocks unchanged: a ViT with a convolutional stem, same patch grid). A from-scratch
+    # ViT with a linear patch embedding does not learn shapes at the tiny preset's budget; a conv stem
+    # does (docs/prompt_reading.md). Not loadable from pretrained patch-embedding weights.
+    stem: str = "patch"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # local .safetensors file/dir, a timm name or hf-hub:org/name (rahf.model.pretrained); its mean/std replace
@@ -244,6 +253,17 @@ class RAHFConfig:
         if self.vision.img_size % self.vision.patch_size:
             raise ConfigError(
                 f"model.vision.img_size={self.vision.img_size} is not a multiple of patch_size={self.vision.patch_size}")
+        if self.vision.stem not in VISION_STEMS:
+            raise ConfigError(f"model.vision.stem: unknown stem {self.vision.stem!r}; choose from {list(VISION_STEMS)}")
+        if self.vision.stem == "conv":
+            p = self.vision.patch_size
+            if p < 2 or p & (p - 1):
+                raise ConfigError(f"model.vision.stem=conv needs a power-of-two patch_size (one stride-2 convolution "
+                                  f"per halving), got patch_size={p}")
+            if self.vision.pretrained:
+                raise ConfigError(f"model.vision.stem=conv cannot load model.vision.pretrained="
+                                  f"{self.vision.pretrained!r}: pretrained ViTs have a linear patch embedding "
+                                  f"(use stem=patch)")
         if self.heatmap_head.upsample < 1:
             raise ConfigError("model.heatmap_head.upsample must be >= 1")
         for k in TASKS:

@@ -47,7 +47,11 @@ class RAHF(nn.Module):
         self._tokenizer = tokenizer
         v, t = config.vision, config.text
         kw = {k: getattr(v, k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio") if getattr(v, k) is not None}
-        self.vision = timm.create_model(v.arch, pretrained=False, img_size=v.img_size, patch_size=v.patch_size,
+        patch = v.patch_size
+        if v.stem == "conv":
+            kw["embed_layer"] = conv_stem_embed(v.patch_size, kw.get("embed_dim") or _arch_embed_dim(v.arch))
+            patch = 1  # the stem's output is already the patch grid: HybridEmbed projects each position
+        self.vision = timm.create_model(v.arch, pretrained=False, img_size=v.img_size, patch_size=patch,
                                         num_classes=0, global_pool="", drop_path_rate=v.drop_path_rate, **kw)
         grid = self.vision.patch_embed.grid_size
         if grid[0] != grid[1]:
@@ -298,3 +302,25 @@ def _untie_lm_head(t5: T5ForConditionalGeneration) -> None:
     tied = getattr(t5, "all_tied_weights_keys", None)
     if isinstance(tied, dict):  # so that a later tie_weights() keeps it apart
         tied.pop("lm_head.weight", None)
+
+
+def conv_stem_embed(patch_size: int, embed_dim: int):
+    """timm's patch-embedding factory for ``model.vision.stem=conv``: log2(patch_size) stride-2 3×3
+    convolutions (LayerNorm2d + GELU between them; widths embed_dim/2^(n-1) … embed_dim), then timm's
+    HybridEmbed 1×1 projection to ``embed_dim``: the patch grid of a ``patch_size`` ViT, convolutional
+    features in each token. LayerNorm rather than BatchNorm keeps a token independent of its batch."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed, LayerNorm2d
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    n = patch_size.bit_length() - 1
+    stem = ConvStem(depth=n, channels=embed_dim, stride=(2,) * n, kernel_size=3, norm_layer=LayerNorm2d,
+                    act_layer=nn.GELU)
+    return partial(HybridEmbed, backbone=stem)
+
+
+def _arch_embed_dim(arch: str) -> int:
+    """The embedding width of timm architecture ``arch`` (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        return int(timm.create_model(arch, pretrained=False).embed_dim)
