@@ -197,3 +197,39 @@ def test_checkpoint_without_head_style_loads(tmp_path):
     batch = RAHFCollator.for_model(model)(fake_items(cfg))
     with torch.no_grad():
         assert torch.equal(model(**tensors(batch)).scores, loaded(**tensors(batch)).scores)
+
+
+# ----------------------------------------------------------------------------- vision stems
+def test_conv_stem_keeps_the_patch_grid_and_roundtrips(tmp_path):
+    torch.manual_seed(2)
+    cfg = rahf.RAHFConfig.preset("tiny", vision={"stem": "conv"})
+    model = rahf.RAHF(cfg)
+    convs = [m for m in model.vision.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    # four stride-2 3x3 convolutions (16 px patches = 2^4), widths rising to embed_dim, then the 1x1 projection
+    assert [c.stride for c in convs[:-1]] == [(2, 2)] * 4 and all(c.kernel_size == (3, 3) for c in convs[:-1])
+    assert [c.out_channels for c in convs] == [16, 32, 64, 128, 128] and convs[-1].kernel_size == (1, 1)
+    assert model.grid == cfg.grid_size == 8
+    batch = RAHFCollator.for_model(model)(fake_items(cfg))
+    out = model(**tensors(batch))
+    assert out.heatmaps["implausibility"].shape == (3, 64, 64)
+    (sum(h.sum() for h in out.heatmaps.values()) + out.scores.sum() + out.logits.logsumexp(-1).sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.patch_embed.parameters())
+    # a token's features do not depend on the other images of its batch (LayerNorm, not BatchNorm), in training too
+    pv = batch["pixel_values"]
+    with torch.no_grad():
+        alone, together = model.vision.forward_features(pv[:1]), model.vision.forward_features(pv)[:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+    model.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = rahf.RAHF.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.vision.stem == "conv"
+    with torch.no_grad():
+        assert torch.equal(model(**tensors(batch)).scores, loaded(**tensors(batch)).scores)
+
+
+def test_conv_stem_refusals():
+    with pytest.raises(ConfigError, match="unknown stem"):
+        rahf.RAHF(rahf.RAHFConfig.preset("tiny", vision={"stem": "hybrid"}))
+    with pytest.raises(ConfigError, match="power-of-two patch_size"):
+        rahf.RAHF(rahf.RAHFConfig.preset("tiny", vision={"stem": "conv", "img_size": 120, "patch_size": 12}))
+    with pytest.raises(ConfigError, match="linear patch embedding"):
+        rahf.RAHFConfig.preset("tiny", vision={"stem": "conv", "pretrained": "vit_tiny_patch16_224"}).validate()

@@ -225,6 +225,8 @@ def build_model_card(directory: str | Path, *, metrics: Optional[Mapping[str, ob
     grid = v.img_size // v.patch_size
     vision_desc = f"`{v.arch}`" + "".join(f", {k} {getattr(v, k)}" for k in ("embed_dim", "depth", "num_heads")
                                            if getattr(v, k) is not None)
+    if v.stem != "patch":
+        vision_desc += f", {v.stem} stem"
     summary = [
         ("preset", f"`{config.preset}`"),
         ("variant", f"`{config.variant}`"),
