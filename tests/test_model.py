@@ -200,9 +200,10 @@ def test_checkpoint_without_head_style_loads(tmp_path):
 
 
 # ----------------------------------------------------------------------------- vision stems
-def test_conv_stem_keeps_the_patch_grid_and_roundtrips(tmp_path):
+@pytest.mark.parametrize("stem", ["conv", "conv_ln"])
+def test_conv_stem_keeps_the_patch_grid_and_roundtrips(tmp_path, stem):
     torch.manual_seed(2)
-    cfg = rahf.RAHFConfig.preset("tiny", vision={"stem": "conv"})
+    cfg = rahf.RAHFConfig.preset("tiny", vision={"stem": stem})
     model = rahf.RAHF(cfg)
     convs = [m for m in model.vision.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
     # four stride-2 3x3 convolutions (16 px patches = 2^4), widths rising to embed_dim, then the 1x1 projection
@@ -214,14 +215,23 @@ def test_conv_stem_keeps_the_patch_grid_and_roundtrips(tmp_path):
     assert out.heatmaps["implausibility"].shape == (3, 64, 64)
     (sum(h.sum() for h in out.heatmaps.values()) + out.scores.sum() + out.logits.logsumexp(-1).sum()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.patch_embed.parameters())
-    # a token's features do not depend on the other images of its batch (LayerNorm, not BatchNorm), in training too
+    norms = {type(m).__name__ for m in model.vision.patch_embed.modules() if type(m).__name__.endswith("Norm2d")
+             or type(m).__name__.endswith("NormAct2d")}
+    assert norms == {"BatchNormAct2d" if stem == "conv" else "LayerNormAct2d"}
+    # in eval mode a token's features do not depend on the other images of its batch; in training they do
+    # with BatchNorm (batch statistics) and do not with LayerNorm
     pv = batch["pixel_values"]
-    with torch.no_grad():
-        alone, together = model.vision.forward_features(pv[:1]), model.vision.forward_features(pv)[:1]
-    assert torch.allclose(alone, together, atol=1e-5)
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            alone, together = model.vision.forward_features(pv[:1]), model.vision.forward_features(pv)[:1]
+        assert torch.allclose(alone, together, atol=1e-5) == (not training or stem == "conv_ln"), training
+    model.train()
+    with torch.no_grad():  # BatchNorm's running statistics move in training and are saved with the weights
+        model.vision.forward_features(pv * 3 + 1)
     model.eval().save_pretrained(tmp_path / "ckpt")
     loaded = rahf.RAHF.from_pretrained(tmp_path / "ckpt").eval()
-    assert loaded.config.vision.stem == "conv"
+    assert loaded.config.vision.stem == stem
     with torch.no_grad():
         assert torch.equal(model(**tensors(batch)).scores, loaded(**tensors(batch)).scores)
 

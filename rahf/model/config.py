@@ -27,7 +27,7 @@ from ..configtools import ConfigError, from_dict, merge, to_dict
 from ..schema import MAP_NAMES, SCORE_NAMES, TASKS  # noqa: F401  (MAP_NAMES, SCORE_NAMES re-exported for old imports)
 
 
-VISION_STEMS = ("patch", "conv")
+VISION_STEMS = ("patch", "conv", "conv_ln")
 
 
 @dataclass
@@ -45,10 +45,12 @@ class VisionConfig:
     mlp_ratio: Optional[float] = 2.0
     drop_path_rate: float = 0.0
     # how pixels become patch tokens: "patch" (one linear map per patch, every pretrained ViT's) or "conv"
-    # (log2(patch_size) stride-2 3x3 convolutions with LayerNorm and GELU, widths rising to embed_dim, then
-    # the transformer blocks unchanged: a ViT with a convolutional stem, same patch grid). A from-scratch
-    # ViT with a linear patch embedding does not learn shapes at the tiny preset's budget; a conv stem
-    # does (docs/prompt_reading.md). Not loadable from pretrained patch-embedding weights.
+    # (log2(patch_size) stride-2 3x3 convolutions with BatchNorm and GELU, widths rising to embed_dim, then
+    # the transformer blocks unchanged: a ViT with a convolutional stem, same patch grid); "conv_ln": the
+    # same with LayerNorm over channels at each position (batch-independent, but it normalises away much of
+    # a pixel's colour and brightness). A from-scratch ViT with a linear patch embedding does not learn
+    # shapes at the tiny preset's budget; a conv stem does (docs/prompt_reading.md). Not loadable from
+    # pretrained patch-embedding weights.
     stem: str = "patch"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -255,13 +257,13 @@ class RAHFConfig:
                 f"model.vision.img_size={self.vision.img_size} is not a multiple of patch_size={self.vision.patch_size}")
         if self.vision.stem not in VISION_STEMS:
             raise ConfigError(f"model.vision.stem: unknown stem {self.vision.stem!r}; choose from {list(VISION_STEMS)}")
-        if self.vision.stem == "conv":
+        if self.vision.stem != "patch":
             p = self.vision.patch_size
             if p < 2 or p & (p - 1):
-                raise ConfigError(f"model.vision.stem=conv needs a power-of-two patch_size (one stride-2 convolution "
+                raise ConfigError(f"model.vision.stem={self.vision.stem} needs a power-of-two patch_size (one stride-2 convolution "
                                   f"per halving), got patch_size={p}")
             if self.vision.pretrained:
-                raise ConfigError(f"model.vision.stem=conv cannot load model.vision.pretrained="
+                raise ConfigError(f"model.vision.stem={self.vision.stem} cannot load model.vision.pretrained="
                                   f"{self.vision.pretrained!r}: pretrained ViTs have a linear patch embedding "
                                   f"(use stem=patch)")
         if self.heatmap_head.upsample < 1:

@@ -48,8 +48,9 @@ class RAHF(nn.Module):
         v, t = config.vision, config.text
         kw = {k: getattr(v, k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio") if getattr(v, k) is not None}
         patch = v.patch_size
-        if v.stem == "conv":
-            kw["embed_layer"] = conv_stem_embed(v.patch_size, kw.get("embed_dim") or _arch_embed_dim(v.arch))
+        if v.stem != "patch":
+            kw["embed_layer"] = conv_stem_embed(v.patch_size, kw.get("embed_dim") or _arch_embed_dim(v.arch),
+                                                layer_norm=v.stem == "conv_ln")
             patch = 1  # the stem's output is already the patch grid: HybridEmbed projects each position
         self.vision = timm.create_model(v.arch, pretrained=False, img_size=v.img_size, patch_size=patch,
                                         num_classes=0, global_pool="", drop_path_rate=v.drop_path_rate, **kw)
@@ -304,19 +305,20 @@ def _untie_lm_head(t5: T5ForConditionalGeneration) -> None:
         tied.pop("lm_head.weight", None)
 
 
-def conv_stem_embed(patch_size: int, embed_dim: int):
+def conv_stem_embed(patch_size: int, embed_dim: int, layer_norm: bool = False):
     """timm's patch-embedding factory for ``model.vision.stem=conv``: log2(patch_size) stride-2 3×3
-    convolutions (LayerNorm2d + GELU between them; widths embed_dim/2^(n-1) … embed_dim), then timm's
-    HybridEmbed 1×1 projection to ``embed_dim``: the patch grid of a ``patch_size`` ViT, convolutional
-    features in each token. LayerNorm rather than BatchNorm keeps a token independent of its batch."""
+    convolutions (BatchNorm + GELU between them, or LayerNorm2d over channels with ``layer_norm``; widths
+    embed_dim/2^(n-1) … embed_dim), then timm's HybridEmbed 1×1 projection to ``embed_dim``: the patch grid
+    of a ``patch_size`` ViT, convolutional features in each token. BatchNorm uses batch statistics in
+    training and its running statistics in ``eval()`` mode (inference is batch-independent)."""
     from functools import partial
 
     from timm.layers import HybridEmbed, LayerNorm2d
     from timm.models.vision_transformer_hybrid import ConvStem
 
     n = patch_size.bit_length() - 1
-    stem = ConvStem(depth=n, channels=embed_dim, stride=(2,) * n, kernel_size=3, norm_layer=LayerNorm2d,
-                    act_layer=nn.GELU)
+    stem = ConvStem(depth=n, channels=embed_dim, stride=(2,) * n, kernel_size=3,
+                    norm_layer=LayerNorm2d if layer_norm else nn.BatchNorm2d, act_layer=nn.GELU)
     return partial(HybridEmbed, backbone=stem)
 
 
