@@ -32,11 +32,13 @@ def _without(d: dict, path: tuple) -> dict:
     return d
 
 
-def test_default_job_is_the_defaults():
+def test_default_job_is_the_defaults_with_a_conv_stem():
     assert TrainConfig().model == RAHFConfig() == RAHFConfig.preset("tiny")
     assert default_config_path().name == "default.yaml"
     cfg = resolve_config(str(default_config_path()))
-    assert to_dict(cfg) == to_dict(TrainConfig(train={**to_dict(TrainConfig().train), "time_limit_minutes": 8.0}))
+    # the default job: the defaults, a safety time cap, and the tiny ViT with a convolutional stem
+    assert to_dict(cfg) == to_dict(TrainConfig(train={**to_dict(TrainConfig().train), "time_limit_minutes": 8.0},
+                                               model=RAHFConfig.preset("tiny", vision={"stem": "conv"})))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
