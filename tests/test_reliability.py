@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 ENV.pop("RAHF_FAULT", None)
+# model.vision.stem=patch: train.py subprocesses load configs/default.yaml (conv stem), the in-process runs
+# the bare defaults; the same model in both
 SHRINK = ["model.vision.img_size=64", "model.vision.depth=1", "model.text.num_layers=1",
-          "model.text.num_decoder_layers=1", "train.threads=1"]
+          "model.text.num_decoder_layers=1", "train.threads=1", "model.vision.stem=patch"]
 COMMON = ["train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=3", "eval.every=3", "eval.batch_size=8",
           "eval.test_at_end=false", "train.grad_accum=2", "train.batch_size=4", "train.deterministic=true",
           "optim.warmup_steps=2", "tracking.tracker=none", "data.num_workers=0", "data.generate_synth=false"]
