@@ -313,8 +313,12 @@ def conv_stem_embed(patch_size: int, embed_dim: int, layer_norm: bool = False):
     training and its running statistics in ``eval()`` mode (inference is batch-independent)."""
     from functools import partial
 
-    from timm.layers import HybridEmbed, LayerNorm2d
-    from timm.models.vision_transformer_hybrid import ConvStem
+    try:
+        from timm.layers import HybridEmbed, LayerNorm2d
+        from timm.models.vision_transformer_hybrid import ConvStem
+    except ImportError as e:  # older timm releases lack the stem's building blocks
+        raise ImportError(f"model.vision.stem=conv needs a newer timm than {timm.__version__} (it uses timm's ConvStem "
+                          f"and timm.layers.HybridEmbed): pip install -U timm") from e
 
     n = patch_size.bit_length() - 1
     stem = ConvStem(depth=n, channels=embed_dim, stride=(2,) * n, kernel_size=3,
