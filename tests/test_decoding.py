@@ -217,3 +217,12 @@ def test_cached_decoding_equals_a_teacher_forced_pass(kind, tmp_path_factory):
         want = [float(logits[p, t] - logits[p, c]) for p, t, c in probes]
         assert got == pytest.approx(want, abs=1e-4), (prompts[b], got, want)
         assert flags == [d > 0 for d in got]
+
+
+def test_other_decode_pairs_modes_and_prefers_the_word_head():
+    from rahf.eval.predict import other_decode
+
+    assert other_decode(None) is None and other_decode(None, word_head=True) is None
+    assert other_decode("constrained") == "free" and other_decode("free") == "constrained"
+    assert other_decode("word_head") == "constrained" and other_decode("word_head", word_head=True) == "constrained"
+    assert other_decode("constrained", word_head=True) == other_decode("free", word_head=True) == "word_head"

@@ -44,11 +44,16 @@ def check_decode(mode: Optional[str]) -> Optional[str]:
     return mode
 
 
-def other_decode(mode: Optional[str]) -> Optional[str]:
+def other_decode(mode: Optional[str], word_head: bool = False) -> Optional[str]:
     """The decoding reported beside ``mode``: ``"free"`` ↔ ``"constrained"``, ``"word_head"`` →
-    ``"constrained"``; None for None."""
+    ``"constrained"``; for a model with a word head (``word_head``), the decoder's modes are reported
+    beside ``"word_head"``; None for None."""
     mode = check_decode(mode)
-    return None if mode is None else {"constrained": "free", "free": "constrained", "word_head": "constrained"}[mode]
+    if mode is None:
+        return None
+    if word_head and mode != "word_head":
+        return "word_head"
+    return {"constrained": "free", "free": "constrained", "word_head": "constrained"}[mode]
 
 
 def model_inputs(batch: dict, labels: bool = True) -> dict:

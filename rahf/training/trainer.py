@@ -663,8 +663,7 @@ class Trainer:
             loader = acc.prepare(make_loader(test_ds, self.collate, cfg.eval.batch_size, cfg))
             # keyword metrics under another decoding too, for comparison (keyword_<other>/...): a model with a
             # word head reports its word-head tags beside the decoder's, any other model free beside constrained
-            also = ("word_head" if best_model.word_head is not None and cfg.eval.decode not in (None, "word_head")
-                    else other_decode(cfg.eval.decode))
+            also = other_decode(cfg.eval.decode, word_head=best_model.word_head is not None)
             ev = self.evaluate(loader, cfg.data.test_split, model=best_model, decode_also=also, loss=False)
             metrics = ev.metrics
             cf_records = cfg.eval.counterfactual_records
