@@ -654,21 +654,28 @@ class SynthRecord(Example):
     scene: Scene | None = None
 
 
+def scene_layout(spec: PromptSpec, rng: np.random.Generator, easy: bool = False) -> Scene:
+    """The first part of :func:`render_scene`: errors, what is drawn and where (no pixels). With the
+    same ``rng`` state it returns the scene :func:`render_scene` draws."""
+    errors, place = _sample_errors(spec, rng, easy)
+    drawn = [_drawn_group(g, errors.get(i), rng) for i, g in enumerate(spec.groups)]
+    scene = Scene(spec, errors, place, drawn)
+    scene.instances = _layout(scene, rng)
+    return scene
+
+
 def render_scene(spec: PromptSpec, rng: np.random.Generator, size: int = 128,
                  easy: bool = False) -> tuple[Scene, Image.Image, np.ndarray, np.ndarray]:
     """Draw one rendering of ``spec``: returns the scene (errors, instances, artifacts), the RGB
     image (size x size) and the implausibility and misalignment maps (float32, [0, 1]). ``easy``:
     errors of :data:`EASY_ERRORS` only."""
-    errors, place = _sample_errors(spec, rng, easy)
-    drawn = [_drawn_group(g, errors.get(i), rng) for i, g in enumerate(spec.groups)]
-    scene = Scene(spec, errors, place, drawn)
-    scene.instances = _layout(scene, rng)
+    scene = scene_layout(spec, rng, easy)
     W = 2 * size
     scene.dull = float(rng.uniform(0, 1))
     cv = _Canvas(_background(rng, W, scene.dull))
     for p in sorted(scene.instances, key=lambda p: -p.r):  # big first: a container under its content
         if p.drawn:
-            cv.object(p, drawn[p.group])
+            cv.object(p, scene.drawn[p.group])
     scene.artifacts = _draw_artifacts(cv, scene, rng)
     img = np.asarray(cv.img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
     img = img + rng.normal(0, 3 + 15 * scene.dull, (size, size, 1)).astype(np.float32)
@@ -688,15 +695,96 @@ def is_easy(seed: int, split: str, index: int, easy_fraction: float) -> bool:
     return easy_fraction > 0 and _rng(seed, split, index, _STREAM_EASY).random() < easy_fraction
 
 
+def record_spec(seed: int, split: str, index: int, easy_fraction: float = 0.0) -> tuple[PromptSpec, bool]:
+    """Record ``index``'s prompt and whether it is an easy (one-object) scene."""
+    if is_easy(seed, split, index, easy_fraction):
+        return sample_prompt(_rng(seed, split, index, _STREAM_PROMPT), easy=True), True
+    return sample_prompt(_rng(seed, split, prompt_key(seed, split, index), _STREAM_PROMPT)), False
+
+
+def record_scene(seed: int, split: str, index: int, easy_fraction: float = 0.0) -> Scene:
+    """The scene of record ``index`` (what :func:`make_record` draws: groups, errors, object places),
+    without rendering it: a fraction of :func:`make_record`'s cost. Artifacts are not included."""
+    spec, easy = record_spec(seed, split, index, easy_fraction)
+    return scene_layout(spec, _rng(seed, split, index, _STREAM_RENDER), easy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scene targets: what is drawn where, per patch (a synth-only training signal, model.scene_head)
+SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": ("none",) + tuple(SHAPES),
+    "colour": ("none",) + tuple(COLOURS),
+    "size": ("none", "small", "medium", "big"),
+}
+SCENE_CLASSES = sum(len(v) for v in SCENE_ATTRIBUTES.values())
+
+
+def scene_targets(scene: Scene, grid: int, cell: int = 8) -> np.ndarray:
+    """Per-patch soft labels of what is drawn: ``(grid * grid, SCENE_CLASSES)`` float32, patches in
+    row-major order, columns the classes of :data:`SCENE_ATTRIBUTES` one attribute after another
+    (shape, colour, size; class 0 of each is "none": background). Each attribute's columns sum to 1:
+    the share of the patch covered by each drawn object's shape / colour / size word ("medium" for
+    no size word), with objects painted in :func:`render_scene`'s order (big first) so an object
+    inside another wins where it is drawn. Rasterised at ``cell`` px per patch; artifacts and
+    outlines are ignored (an object's outline counts as the object)."""
+    W = grid * cell
+    canvas = Image.new("L", (W, W), 0)
+    draw = ImageDraw.Draw(canvas)
+    drawn = [p for p in scene.instances if p.drawn]
+    order = sorted(range(len(drawn)), key=lambda i: -drawn[i].r)
+    for i in order:
+        p = drawn[i]
+        _draw_shape(draw, scene.drawn[p.group].shape, p.x * W, p.y * W, p.r * W, i + 1, i + 1, 1)
+    ids = np.asarray(canvas, dtype=np.int64)  # (W, W): 0 background, i + 1 object i
+    lookup = np.zeros((len(drawn) + 1, SCENE_CLASSES), np.float32)
+    offsets = np.cumsum([0] + [len(v) for v in SCENE_ATTRIBUTES.values()])[:-1]
+    lookup[0, offsets] = 1.0
+    for i, p in enumerate(drawn):
+        g = scene.drawn[p.group]
+        for off, (attr, names) in zip(offsets, SCENE_ATTRIBUTES.items()):
+            value = {"shape": g.shape, "colour": g.colour, "size": g.size or "medium"}[attr]
+            lookup[i + 1, off + names.index(value)] = 1.0
+    onehot = lookup[ids]  # (W, W, C)
+    return onehot.reshape(grid, cell, grid, cell, -1).mean(axis=(1, 3)).reshape(grid * grid, -1)
+
+
+class SynthScenes:
+    """The scenes of a synth dataset's split, for :func:`scene_targets`: each record's scene is
+    regenerated from ``dataset.json`` (seed, the split's ``easy_fraction``) and its uid
+    (``synth-<split>-<index>``, variants ``<uid>~<k>`` share their record's scene), without rendering.
+    :class:`ValueError` when ``root`` is not a synth dataset; :meth:`targets` is None for a uid that is
+    not one of the split's generated records."""
+
+    def __init__(self, root: str | os.PathLike, split: str):
+        info = read_dataset_info(root)
+        if info.get("source") != "synth":
+            raise ValueError(f"{root} is not a synth dataset (dataset.json source: {info.get('source')!r}): "
+                             "scene targets exist only for the generator's scenes")
+        self.seed = int(info.get("seed", 0))
+        self.split = split
+        self.easy_fraction = float((info.get("easy_fraction") or {}).get(split, 0.0))
+        self._prefix = f"synth-{split}-"
+
+    def index(self, uid: str) -> int | None:
+        from ..swaps import group_key
+
+        key = group_key(uid)
+        rest = key[len(self._prefix):] if key.startswith(self._prefix) else ""
+        return int(rest) if rest.isdigit() else None
+
+    def targets(self, uid: str, grid: int) -> np.ndarray | None:
+        i = self.index(uid)
+        if i is None:
+            return None
+        return scene_targets(record_scene(self.seed, self.split, i, self.easy_fraction), grid)
+
+
 def make_record(seed: int, split: str, index: int, size: int = 128, easy_fraction: float = 0.0) -> SynthRecord:
     """Record ``index`` of ``split``: a pure function of the arguments. ``easy_fraction``: the share of
     one-object scenes (:func:`is_easy`; 0 for the plain generator)."""
-    if is_easy(seed, split, index, easy_fraction):
-        spec = sample_prompt(_rng(seed, split, index, _STREAM_PROMPT), easy=True)
-        return record_from_spec(spec, _rng(seed, split, index, _STREAM_RENDER), f"synth-{split}-{index:06d}", size,
-                                easy=True)
-    spec = sample_prompt(_rng(seed, split, prompt_key(seed, split, index), _STREAM_PROMPT))
-    return record_from_spec(spec, _rng(seed, split, index, _STREAM_RENDER), f"synth-{split}-{index:06d}", size)
+    spec, easy = record_spec(seed, split, index, easy_fraction)
+    return record_from_spec(spec, _rng(seed, split, index, _STREAM_RENDER), f"synth-{split}-{index:06d}", size,
+                            easy=easy)
 
 
 def record_from_spec(spec: PromptSpec, rng: np.random.Generator, uid: str, size: int = 128,

@@ -57,11 +57,21 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
     ``on_bad_record`` (default: the split's own): ``"error"`` lets a record's :class:`DataError` (bad or
     missing file) propagate; ``"skip"`` returns a marker ``{"bad": True, "index", "uid", "problem"}``
     instead, which :class:`RAHFCollator` drops from the batch and lists in ``batch["bad_records"]``
-    (so it survives DataLoader workers and reaches the training loop, which counts it)."""
+    (so it survives DataLoader workers and reaches the training loop, which counts it).
+
+    ``scene_grid`` (a patch grid side; synth splits only, for ``model.scene_head``): each item also
+    carries ``scene_targets`` ((grid², C) per-patch class shares, :func:`rahf.data.synth.scene_targets`)
+    and ``scene_known`` (False, with zero targets, for a record that is not a generated scene)."""
 
     def __init__(self, split, image_size: int, heatmap_size: Optional[int], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                 on_bad_record: Optional[str] = None):
+                 on_bad_record: Optional[str] = None, scene_grid: Optional[int] = None):
         self.split = split
+        self.scene_grid = scene_grid
+        self.scenes = None
+        if scene_grid is not None:
+            from .synth import SynthScenes
+
+            self.scenes = SynthScenes(split.root, split.split)
         self.image_size = image_size
         self.heatmap_size = heatmap_size
         self.mean, self.std = tuple(mean), tuple(std)
@@ -73,7 +83,7 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def prepare(self, ex: Example, index: int = -1) -> dict:
-        return {
+        item = {
             "index": index,
             "uid": ex.uid,
             "prompt": ex.prompt,
@@ -83,6 +93,14 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
             "scores": torch.tensor([ex.scores[s] for s in SCORE_NAMES], dtype=torch.float32),
             **{f"{m}_map": resize_map(getattr(ex, f"{m}_map"), self.heatmap_size) for m in MAP_NAMES},
         }
+        if self.scenes is not None:
+            from .synth import SCENE_CLASSES
+
+            t = self.scenes.targets(ex.uid, self.scene_grid)
+            item["scene_known"] = t is not None
+            item["scene_targets"] = (torch.from_numpy(t) if t is not None
+                                     else torch.zeros(self.scene_grid ** 2, SCENE_CLASSES))
+        return item
 
     def __getitem__(self, i: int) -> dict:
         try:
@@ -238,6 +256,9 @@ class RAHFCollator:
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
         batch["labels"] = labels
         batch["tag_token_id"] = self.tag_token_id
+        if "scene_targets" in items[0]:
+            batch["scene_targets"] = torch.stack([it["scene_targets"] for it in items])
+            batch["scene_known"] = torch.tensor([bool(it["scene_known"]) for it in items])
         if self.word_tags:
             batch["word_tags"] = self.word_tag_targets(batch.pop("word_ids"), batch["prompts"], batch["tagged_prompts"],
                                                          batch["uids"])

@@ -207,8 +207,8 @@ class RAHFScorer:
         for sl in tqdm(list(_batches(len(images), batch_size)), desc="embed", disable=not progress):
             batch = self.prepare([to_pil(im) for im in images[sl]], prompts[sl])
             with self._autocast():
-                hidden, mask, _ = self.model._encode(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                                     batch.get("task_ids"), batch.get("task_mask"))
+                hidden, mask, _, _ = self.model._encode(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                                        batch.get("task_ids"), batch.get("task_mask"))
             m = mask.to(hidden.dtype).float()[..., None]
             pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B', d)
             B = sl.stop - sl.start

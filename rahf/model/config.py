@@ -130,6 +130,8 @@ class LossConfig:
     alignment_rank: float = 0.0
     # weight of the per-word tag loss (binary cross-entropy of the word head, model.word_head=true)
     word_tags: float = 1.0
+    # weight of the scene loss (soft cross-entropy of the scene head per patch, model.scene_head=true)
+    scene: float = 1.0
 
 
 # Named head styles: both heads, absolute in channels; the output size of every style is patch grid × 16.
@@ -213,6 +215,11 @@ class RAHFConfig:
     # is misaligned (trained with the tags, loss.word_tags): a dense image-text comparison signal for
     # the encoder (experimental, docs/prompt_reading.md); its logits are returned as ``word_logits``
     word_head: bool = False
+    # a linear head on the image tokens as they enter the fusion (after the projection) that names, per
+    # patch, the shape, colour and size word of what is drawn there (soft cross-entropy, loss.scene),
+    # trained on synth training splits only, whose scenes the generator knows: it teaches the vision
+    # encoder the words the prompt uses (docs/prompt_reading.md); logits returned as ``scene_logits``
+    scene_head: bool = False
 
     def __post_init__(self):
         found = head_style_of(self.heatmap_head, self.score_head)

@@ -18,7 +18,9 @@ class RAHFLoss(nn.Module):
     records of the same image is added (:meth:`alignment_rank_loss`, key ``rank_loss``); with a word
     head (``model.word_head``) the binary cross-entropy of its per-token logits against the word tags
     (``batch["word_tags"]``: 1 tagged, 0 not, -1 no word) is added with weight ``word_tags``
-    (key ``word_loss``).
+    (key ``word_loss``); with a scene head (``model.scene_head``) the soft cross-entropy of its
+    per-patch logits against ``batch["scene_targets"]`` for the records of ``batch["scene_known"]`` is
+    added with weight ``scene`` (key ``scene_loss``, :meth:`scene_loss`).
     Heatmap MSE is pixel-wise, optionally weighting pixels with ground truth > 0 by
     ``heatmap_positive_weight`` (weighted mean). Returns ``{"loss", "heatmap_loss", "score_loss",
     "text_loss", "<map>_loss", "<score>_loss"}`` (all scalars; ``loss`` is the one to backpropagate).
@@ -63,12 +65,34 @@ class RAHFLoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(out.word_logits, target.clamp_min(0).float(), reduction="none")
             losses["word_loss"] = (bce * known).sum() / known.sum().clamp_min(1)
             losses["loss"] = losses["loss"] + self.cfg.word_tags * losses["word_loss"]
+        if getattr(out, "scene_logits", None) is not None and "scene_targets" in batch:
+            losses["scene_loss"] = self.scene_loss(out.scene_logits, batch["scene_targets"].to(out.scene_logits.device),
+                                                   batch["scene_known"].to(out.scene_logits.device))
+            losses["loss"] = losses["loss"] + self.cfg.scene * losses["scene_loss"]
         if self.cfg.alignment_rank > 0 and batch.get("uids"):
             losses["rank_loss"] = self.alignment_rank_loss(out.scores[:, SCORE_NAMES.index("alignment")].float(),
                                                            batch["scores"][:, SCORE_NAMES.index("alignment")].float(),
                                                            batch["uids"])
             losses["loss"] = losses["loss"] + self.cfg.alignment_rank * losses["rank_loss"]
         return losses
+
+    @staticmethod
+    def scene_loss(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """Soft cross-entropy of the scene head: for each attribute of
+        :data:`rahf.data.synth.SCENE_ATTRIBUTES` (its own softmax over its classes), against the
+        patch's class shares; summed over attributes, averaged over the patches of the records whose
+        scene is known (``known`` (B,) bool); 0 when none is."""
+        from ..data.synth import SCENE_ATTRIBUTES
+
+        if not bool(known.any()):
+            return logits.sum() * 0.0
+        logits, targets = logits[known].float(), targets[known].float()  # (B', N, C)
+        total, start = logits.new_zeros(()), 0
+        for names in SCENE_ATTRIBUTES.values():
+            part = slice(start, start + len(names))
+            total = total - (targets[..., part] * F.log_softmax(logits[..., part], dim=-1)).sum(-1).mean()
+            start += len(names)
+        return total
 
     @staticmethod
     def alignment_rank_loss(pred: torch.Tensor, target: torch.Tensor, uids, min_gap: float = 0.05,

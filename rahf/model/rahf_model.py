@@ -35,6 +35,7 @@ class RAHFOutput:
     encoder_hidden: Optional[torch.Tensor] = field(default=None, repr=False)  # for generation
     encoder_mask: Optional[torch.Tensor] = field(default=None, repr=False)
     word_logits: Optional[torch.Tensor] = None  # (B, L) per prompt token, when the model has a word head
+    scene_logits: Optional[torch.Tensor] = None  # (B, N, C) per patch, when the model has a scene head
 
 
 class RAHF(nn.Module):
@@ -77,6 +78,12 @@ class RAHF(nn.Module):
             self.heatmap_head = HeatmapHead(d, config.heatmap_head)
             self.score_head = ScoreHead(d, self.grid, config.score_head)
         self.word_head = nn.Linear(d, 1) if config.word_head else None
+        if config.scene_head:
+            from ..data.synth import SCENE_CLASSES
+
+            self.scene_head = nn.Linear(d, SCENE_CLASSES)
+        else:
+            self.scene_head = None
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -92,9 +99,11 @@ class RAHF(nn.Module):
 
     # ------------------------------------------------------------------ encoding
     def _encode(self, pixel_values, input_ids, attention_mask, task_ids=None, task_mask=None):
-        """Returns (fused hidden (B', S, d), mask (B', S), image feature maps (B', d, g, g)); B' = B or T·B."""
+        """Returns (fused hidden (B', S, d), mask (B', S), image feature maps (B', d, g, g), the projected
+        image tokens before the fusion (B, N, d)); B' = B or T·B."""
         img = self.vision.forward_features(pixel_values)[:, self.num_prefix_tokens:]  # (B, N, Dv)
         img = self.projection(img)  # (B, N, d)
+        tokens = img
         B, N, d = img.shape
         txt = self.t5.shared(input_ids)  # (B, L, d)
         img_mask = attention_mask.new_ones(B, N)
@@ -112,13 +121,13 @@ class RAHF(nn.Module):
                               attention_mask.unsqueeze(0).expand(T, -1, -1)], dim=2).reshape(T * B, -1)
         hidden = self.t5.encoder(inputs_embeds=seq, attention_mask=mask).last_hidden_state
         fmap = hidden[:, :N].transpose(1, 2).reshape(hidden.shape[0], d, self.grid, self.grid)  # (B', d, g, g)
-        return hidden, mask, fmap
+        return hidden, mask, fmap, tokens
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None,
                 task_mask: Optional[torch.Tensor] = None, **_unused) -> RAHFOutput:
         """pixel_values (B, 3, S, S); input_ids/attention_mask (B, L); labels (B, T) with -100 padding."""
-        hidden, mask, fmap = self._encode(pixel_values, input_ids, attention_mask, task_ids, task_mask)
+        hidden, mask, fmap, tokens = self._encode(pixel_values, input_ids, attention_mask, task_ids, task_mask)
         B = pixel_values.shape[0]
         if self.config.variant == "multi_head":
             heatmaps = {m: head(fmap) for m, head in self.heatmap_heads.items()}
@@ -132,13 +141,14 @@ class RAHF(nn.Module):
         word_logits = None
         if self.word_head is not None:  # the prompt tokens are the last L positions in both variants
             word_logits = self.word_head(hidden[:, -input_ids.shape[1]:]).squeeze(-1).float()  # (B, L)
+        scene_logits = self.scene_head(tokens).float() if self.scene_head is not None else None
         logits = None
         if labels is not None:
             dec_in = self.t5._shift_right(labels)
             logits = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
                              decoder_input_ids=dec_in).logits
         return RAHFOutput(heatmaps=heatmaps, scores=scores, logits=logits, encoder_hidden=hidden, encoder_mask=mask,
-                          word_logits=word_logits)
+                          word_logits=word_logits, scene_logits=scene_logits)
 
     @torch.no_grad()
     def generate_ids(self, out: RAHFOutput, max_new_tokens: Optional[int] = None, **kw) -> torch.Tensor:

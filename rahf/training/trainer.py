@@ -177,7 +177,7 @@ class Trainer:
         self._stop: Optional[StopRequest] = None
         self._limit: Optional[TimeLimit] = None
         self._compute_s = 0.0  # the current optimizer step's computation time so far
-        self.train_ds = self.open_split(cfg.data.train_split)
+        self.train_ds = self.open_split(cfg.data.train_split, scene=cfg.model.scene_head)
         # token limits are never silent: how many prompts / targets the collator will cut (training.json)
         self.token_lengths = {cfg.data.train_split: self.collate.split_truncation(self.train_ds.split)}
         for line in truncation_lines(cfg.data.train_split, self.token_lengths[cfg.data.train_split]):
@@ -217,13 +217,18 @@ class Trainer:
                   f"{len(self.train_ds)} training examples, {acc.num_processes} process(es) on {acc.device}; "
                   f"run directory {self.run_dir}")
 
-    def open_split(self, split: str, stored_maps: bool = False) -> RAHFTorchDataset:
+    def open_split(self, split: str, stored_maps: bool = False, scene: bool = False) -> RAHFTorchDataset:
         """A split as a torch dataset; manifest-level bad records are listed (skip) or raised (error).
-        ``stored_maps``: keep the maps at their stored size (evaluation: heatmap metrics are computed there)."""
+        ``stored_maps``: keep the maps at their stored size (evaluation: heatmap metrics are computed there).
+        ``scene``: items carry the scene head's targets (a synth split; ConfigError otherwise)."""
         cfg, v = self.cfg, self.cfg.model.vision
         ds = open_dataset(cfg.data.root, split, on_bad_record=cfg.data.on_bad_record)
         self.bad.opened(split, ds)
-        return RAHFTorchDataset(ds, v.img_size, None if stored_maps else cfg.model.heatmap_size, v.mean, v.std)
+        try:
+            return RAHFTorchDataset(ds, v.img_size, None if stored_maps else cfg.model.heatmap_size, v.mean, v.std,
+                                    scene_grid=cfg.model.grid_size if scene else None)
+        except ValueError as e:
+            raise ConfigError(f"model.scene_head: {e}") from None
 
     def start_tracking(self) -> None:
         cfg = self.cfg
