@@ -32,13 +32,21 @@ def _without(d: dict, path: tuple) -> dict:
     return d
 
 
-def test_default_job_is_the_defaults_with_a_conv_stem():
+def test_default_job_is_the_defaults_with_the_prompt_reading_switches():
     assert TrainConfig().model == RAHFConfig() == RAHFConfig.preset("tiny")
     assert default_config_path().name == "default.yaml"
     cfg = resolve_config(str(default_config_path()))
-    # the default job: the defaults, a safety time cap, and the tiny ViT with a convolutional stem
-    assert to_dict(cfg) == to_dict(TrainConfig(train={**to_dict(TrainConfig().train), "time_limit_minutes": 8.0},
-                                               model=RAHFConfig.preset("tiny", vision={"stem": "conv"})))
+    # the default job: the defaults, a safety time cap, the curriculum data, and the tiny ViT with a
+    # convolutional stem, a scene head and a word head
+    base = TrainConfig()
+    want = TrainConfig(
+        train={**to_dict(base.train), "time_limit_minutes": 8.0},
+        data={**to_dict(base.data), "curriculum": [1.0, 1.0, 0.6, 0.4, 0.3], "group_variants": False,
+              "synth": {**to_dict(base.data.synth), "prompts_per_image": 2, "variant_pick": "balanced",
+                        "easy_fraction": 0.4}},
+        model=RAHFConfig.preset("tiny", vision={"stem": "conv"}, scene_head=True, word_head=True,
+                                loss={"scene": 3.0, "word_tags": 2.0}))
+    assert to_dict(cfg) == to_dict(want)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -64,3 +72,15 @@ def test_head_style_in_the_resolved_config():
         resolve_config(None, ["model.head_style=big"])
     with pytest.raises(ConfigError, match="unknown config key 'model.visoin'"):
         resolve_config(None, ["model.visoin.depth=2"])
+
+
+def test_config_none_is_the_package_defaults(capsys, monkeypatch):
+    from rahf.configtools import dump_yaml
+    from rahf.training.trainer import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs/default.yaml is found from here
+    assert main(["--config", "none", "--print-config"]) == 0
+    assert capsys.readouterr().out.strip() == dump_yaml(TrainConfig()).strip()
+    assert main(["--print-config"]) == 0
+    assert capsys.readouterr().out.strip() == dump_yaml(resolve_config(str(default_config_path()))).strip()
+    assert dump_yaml(resolve_config(str(default_config_path()))) != dump_yaml(TrainConfig())

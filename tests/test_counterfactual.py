@@ -255,7 +255,7 @@ def test_grouped_generation_and_sampler(tmp_path):
 @pytest.mark.slow
 def test_train_with_several_prompts_per_image(tmp_path):
     root = tmp_path / "data"
-    cmd = [sys.executable, str(ROOT / "train.py"),
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "none",
            *small(root, tmp_path / "runs", "grouped", "train.max_steps=2", "eval.every=0", "checkpoint.every=0",
                   "eval.test_at_end=false", "data.synth.train=6", "data.synth.dev=4", "data.synth.test=0",
                   "data.synth.size=64", "data.synth.prompts_per_image=3")]

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 ENV.pop("RAHF_FAULT", None)
-# model.vision.stem=patch: train.py subprocesses load configs/default.yaml (conv stem), the in-process runs
-# the bare defaults; the same model in both
+# train.py subprocesses run with `--config none` (the package defaults, as the in-process runs): the same
+# model in both
 SHRINK = ["model.vision.img_size=64", "model.vision.depth=1", "model.text.num_layers=1",
-          "model.text.num_decoder_layers=1", "train.threads=1", "model.vision.stem=patch"]
+          "model.text.num_decoder_layers=1", "train.threads=1"]
 COMMON = ["train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=3", "eval.every=3", "eval.batch_size=8",
           "eval.test_at_end=false", "train.grad_accum=2", "train.batch_size=4", "train.deterministic=true",
           "optim.warmup_steps=2", "tracking.tracker=none", "data.num_workers=0", "data.generate_synth=false"]
@@ -68,7 +68,7 @@ def subprocess_train(data, out, name, fault=None, *extra, timeout=240):
     env = dict(ENV)
     if fault:
         env["RAHF_FAULT"] = fault
-    cmd = [sys.executable, str(ROOT / "train.py"), "--resume", "latest", *args(data, out, name, *extra)]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "none", "--resume", "latest", *args(data, out, name, *extra)]
     return subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -113,7 +113,7 @@ def test_kills_at_every_point_then_resume_gives_identical_weights_and_steps(data
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_cleanly_and_resumes_identically(data, reference, tmp_path):
     env = {**ENV, "RAHF_FAULT": "stall@3"}  # step 3 done, then wait for the signal (no timing race)
-    cmd = [sys.executable, str(ROOT / "train.py"), *args(data, tmp_path, "term")]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "none", *args(data, tmp_path, "term")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     steps = tmp_path / "term" / "steps.jsonl"
     deadline = time.time() + 180

@@ -41,8 +41,8 @@ def weights_digest(path: Path) -> str:
 
 @pytest.mark.slow
 def test_train_py_end_to_end_with_overrides(synth_root, tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), *small(synth_root, tmp_path, "e2e", "train.max_steps=6",
-                                                          "eval.every=3", "checkpoint.every=3", "optim.lr=2e-3")]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "none",
+           *small(synth_root, tmp_path, "e2e", "train.max_steps=6", "eval.every=3", "checkpoint.every=3", "optim.lr=2e-3")]
     res = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "e2e"

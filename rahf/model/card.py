@@ -239,6 +239,11 @@ def build_model_card(directory: str | Path, *, metrics: Optional[Mapping[str, ob
         ("tokenizer", f"`{t.tokenizer}` (saved with the weights)"),
         ("heatmap size", f"{config.heatmap_size}×{config.heatmap_size}"),
     ]
+    extra = [name for name, on in (("word head (per-word tags)", config.word_head),
+                                   ("scene head (per-patch shape / colour / size, a synth training aid)",
+                                    config.scene_head)) if on]
+    if extra:
+        summary.append(("extra heads", "; ".join(extra)))
     if "step" in meta:
         summary.append(("training steps", str(meta["step"])))
     files = sorted(set(publishable_files(d)) | {CARD_FILE})

@@ -132,6 +132,9 @@ class LossConfig:
     word_tags: float = 1.0
     # weight of the scene loss (soft cross-entropy of the scene head per patch, model.scene_head=true)
     scene: float = 1.0
+    # the scene loss's weight on a patch covered by drawn objects, relative to background (scaled by the
+    # covered share): most patches are background, and shapes are learned only when objects weigh more
+    scene_object_weight: float = 5.0
 
 
 # Named head styles: both heads, absolute in channels; the output size of every style is patch grid × 16.

@@ -19,8 +19,9 @@ class RAHFLoss(nn.Module):
     head (``model.word_head``) the binary cross-entropy of its per-token logits against the word tags
     (``batch["word_tags"]``: 1 tagged, 0 not, -1 no word) is added with weight ``word_tags``
     (key ``word_loss``); with a scene head (``model.scene_head``) the soft cross-entropy of its
-    per-patch logits against ``batch["scene_targets"]`` for the records of ``batch["scene_known"]`` is
-    added with weight ``scene`` (key ``scene_loss``, :meth:`scene_loss`).
+    per-patch logits against ``batch["scene_targets"]`` for the records of ``batch["scene_known"]``
+    (object patches weighted by ``scene_object_weight``) is added with weight ``scene`` (key
+    ``scene_loss``, :meth:`scene_loss`).
     Heatmap MSE is pixel-wise, optionally weighting pixels with ground truth > 0 by
     ``heatmap_positive_weight`` (weighted mean). Returns ``{"loss", "heatmap_loss", "score_loss",
     "text_loss", "<map>_loss", "<score>_loss"}`` (all scalars; ``loss`` is the one to backpropagate).
@@ -67,7 +68,8 @@ class RAHFLoss(nn.Module):
             losses["loss"] = losses["loss"] + self.cfg.word_tags * losses["word_loss"]
         if getattr(out, "scene_logits", None) is not None and "scene_targets" in batch:
             losses["scene_loss"] = self.scene_loss(out.scene_logits, batch["scene_targets"].to(out.scene_logits.device),
-                                                   batch["scene_known"].to(out.scene_logits.device))
+                                                   batch["scene_known"].to(out.scene_logits.device),
+                                                   self.cfg.scene_object_weight)
             losses["loss"] = losses["loss"] + self.cfg.scene * losses["scene_loss"]
         if self.cfg.alignment_rank > 0 and batch.get("uids"):
             losses["rank_loss"] = self.alignment_rank_loss(out.scores[:, SCORE_NAMES.index("alignment")].float(),
@@ -77,20 +79,24 @@ class RAHFLoss(nn.Module):
         return losses
 
     @staticmethod
-    def scene_loss(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    def scene_loss(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
+                   object_weight: float = 1.0) -> torch.Tensor:
         """Soft cross-entropy of the scene head: for each attribute of
         :data:`rahf.data.synth.SCENE_ATTRIBUTES` (its own softmax over its classes), against the
-        patch's class shares; summed over attributes, averaged over the patches of the records whose
-        scene is known (``known`` (B,) bool); 0 when none is."""
+        patch's class shares; summed over attributes, a weighted mean over the patches of the records
+        whose scene is known (``known`` (B,) bool): a patch weighs ``1 + (object_weight - 1) * c``, c
+        the share of it covered by drawn objects. 0 when no record's scene is known."""
         from ..data.synth import SCENE_ATTRIBUTES
 
         if not bool(known.any()):
             return logits.sum() * 0.0
         logits, targets = logits[known].float(), targets[known].float()  # (B', N, C)
+        w = 1.0 + (object_weight - 1.0) * (1.0 - targets[..., 0])  # class 0 of the first attribute: background
         total, start = logits.new_zeros(()), 0
         for names in SCENE_ATTRIBUTES.values():
             part = slice(start, start + len(names))
-            total = total - (targets[..., part] * F.log_softmax(logits[..., part], dim=-1)).sum(-1).mean()
+            ce = -(targets[..., part] * F.log_softmax(logits[..., part], dim=-1)).sum(-1)
+            total = total + (ce * w).sum() / w.sum()
             start += len(names)
         return total
 

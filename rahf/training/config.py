@@ -201,7 +201,8 @@ def default_config_path() -> Optional[Path]:
 
 def add_arguments(p) -> None:
     """The training command's arguments (``train.py`` and ``rahf train``); no torch import."""
-    p.add_argument("--config", help="YAML file layered over the defaults (default: configs/default.yaml)")
+    p.add_argument("--config", help="YAML file layered over the defaults (default: configs/default.yaml; "
+                                    "'none': the package defaults alone)")
     p.add_argument("--resume", help="'latest' or a checkpoint directory")
     p.add_argument("--force", action="store_true", help="resume even if the checkpoint's config differs")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -28,7 +28,8 @@ def easy_indices(root: str, split: str, uids: Sequence[str]) -> list[bool]:
     frac = float((info.get("easy_fraction") or {}).get(split, 0.0))
     if info.get("source") != "synth" or frac <= 0:
         raise ValueError(f"data.curriculum needs a synth train split with easy scenes: {root}/{split} has none "
-                         f"(generate it with data.synth.easy_fraction > 0)")
+                         f"(generate it with data.synth.easy_fraction > 0; a synth dataset generated for another job is not "
+                         f"regenerated: delete it or point data.root elsewhere, and the job generates its own)")
     seed, prefix = int(info.get("seed", 0)), f"synth-{split}-"
     out = []
     for u in uids:

@@ -756,6 +756,8 @@ def run(args: argparse.Namespace) -> int:
     if config_file is None:
         p = default_config_path()
         config_file = str(p) if p else None
+    elif config_file == "none":  # the package's defaults alone, no YAML layer
+        config_file = None
     try:
         cfg = resolve_config(config_file, args.overrides)
     except ConfigError as e:
