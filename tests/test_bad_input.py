@@ -153,7 +153,7 @@ def test_max_bad_fraction_stops_a_mostly_broken_run(corpus, tmp_path):
 @pytest.mark.slow
 def test_error_mode_training_names_the_record(base, tmp_path, capsys):
     cases = build(tmp_path / "ds", base, kinds=["truncated_jpeg"])
-    rc = train_main(small(tmp_path / "ds", tmp_path, "err", "train.max_steps=20"))
+    rc = train_main(["--config", "none", *small(tmp_path / "ds", tmp_path, "err", "train.max_steps=20")])
     err = capsys.readouterr().err
     assert rc == 1
     assert f"data error: record {cases['truncated_jpeg'].uid!r}: image " in err and "does not decode" in err

@@ -258,7 +258,7 @@ def test_training_job_reports_the_word_head_tags_beside_the_decoder(synth_root, 
 
     args = small(synth_root, tmp_path, "wh", "model.word_head=true", "train.max_steps=2", "eval.every=0",
                  "eval.counterfactual_records=0")
-    assert train_main(args) == 0
+    assert train_main(["--config", "none", *args]) == 0
     export = tmp_path / "wh" / "export"
     m = json.loads((export / "metrics.json").read_text())
     assert "keyword/f1" in m and "keyword_word_head/f1" in m and "keyword_free/f1" not in m

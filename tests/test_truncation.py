@@ -171,7 +171,7 @@ def test_training_and_evaluation_count_what_is_cut(synth_root, tmp_path, capsys)
     from rahf.training.trainer import main as train_main
 
     limits = ["model.text.max_prompt_tokens=10", "model.text.max_target_tokens=12", "eval.counterfactual_records=0"]
-    assert train_main(small(synth_root, tmp_path, "cut", "train.max_steps=2", *limits)) == 0
+    assert train_main(["--config", "none", *small(synth_root, tmp_path, "cut", "train.max_steps=2", *limits)]) == 0
     out = capsys.readouterr().out
     tok = load_tokenizer("words")
     train = open_dataset(synth_root, "train").entries
