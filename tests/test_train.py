@@ -215,3 +215,26 @@ def test_thread_controller_only_where_it_cannot_change_the_numbers():
         assert thread_controller(0, False, SimpleNamespace(device=torch.device("cpu"), num_processes=2)) is None
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_default_job_config_runs_end_to_end_on_a_small_budget(tmp_path):
+    """`train.py` with no --config (configs/default.yaml: curriculum data, conv stem, scene and word heads,
+    word-head tags) on a tiny budget: it generates its data, trains with the scene loss, and its test
+    evaluation reports the word head's tags, constrained decoding beside them, and the counterfactual block."""
+    data = tmp_path / "data"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"data.root={data}", f"run.output_dir={tmp_path}", "run.name=dj",
+           "tracking.tracker=none", "data.num_workers=0", "data.synth.train=24", "data.synth.dev=6",
+           "data.synth.test=6", "data.synth.size=64", "model.vision.img_size=64", *SHRINK, "train.batch_size=8",
+           "train.max_steps=4", "eval.every=0", "checkpoint.every=0", "eval.counterfactual_records=4",
+           "optim.warmup_steps=1"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((data / "dataset.json").read_text())
+    assert info["prompts_per_image"]["train"] == 2 and info["easy_fraction"]["train"] == 0.4
+    steps = [json.loads(x) for x in (tmp_path / "dj" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/scene_loss" in s and "train/word_loss" in s for s in steps)
+    m = json.loads((tmp_path / "dj" / "export" / "metrics.json").read_text())
+    assert "keyword/f1" in m and "keyword_constrained/f1" in m and "counterfactual/pairwise_acc" in m
+    cfg = json.loads((tmp_path / "dj" / "export" / "config.json").read_text())
+    assert cfg["scene_head"] and cfg["word_head"] and cfg["vision"]["stem"] == "conv"
