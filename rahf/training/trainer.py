@@ -228,7 +228,9 @@ class Trainer:
             return RAHFTorchDataset(ds, v.img_size, None if stored_maps else cfg.model.heatmap_size, v.mean, v.std,
                                     scene_grid=cfg.model.grid_size if scene else None)
         except ValueError as e:
-            raise ConfigError(f"model.scene_head: {e}") from None
+            raise ConfigError(f"model.scene_head: {e}; set model.scene_head=false to train on other data "
+                              f"(configs/default.yaml turns it on for the embedded synth data; configs/paper.yaml "
+                              f"and --config none do not)") from None
 
     def start_tracking(self) -> None:
         cfg = self.cfg
