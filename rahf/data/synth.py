@@ -741,8 +741,7 @@ def scene_targets(scene: Scene, grid: int, cell: int = 8) -> np.ndarray:
     lookup[0, offsets] = 1.0
     for i, p in enumerate(drawn):
         g = scene.drawn[p.group]
-        for off, (attr, names) in zip(offsets, SCENE_ATTRIBUTES.items()):
-            value = {"shape": g.shape, "colour": g.colour, "size": g.size or "medium"}[attr]
+        for off, names, value in zip(offsets, SCENE_ATTRIBUTES.values(), (g.shape, g.colour, g.size or "medium")):
             lookup[i + 1, off + names.index(value)] = 1.0
     onehot = lookup[ids]  # (W, W, C)
     return onehot.reshape(grid, cell, grid, cell, -1).mean(axis=(1, 3)).reshape(grid * grid, -1)
@@ -764,6 +763,7 @@ class SynthScenes:
         self.split = split
         self.easy_fraction = float((info.get("easy_fraction") or {}).get(split, 0.0))
         self._prefix = f"synth-{split}-"
+        self._cache: dict[tuple[int, int], np.ndarray] = {}  # (index, grid) -> targets: variants and epochs reuse them
 
     def index(self, uid: str) -> int | None:
         from ..swaps import group_key
@@ -776,7 +776,9 @@ class SynthScenes:
         i = self.index(uid)
         if i is None:
             return None
-        return scene_targets(record_scene(self.seed, self.split, i, self.easy_fraction), grid)
+        if (i, grid) not in self._cache:
+            self._cache[i, grid] = scene_targets(record_scene(self.seed, self.split, i, self.easy_fraction), grid)
+        return self._cache[i, grid]
 
 
 def make_record(seed: int, split: str, index: int, size: int = 128, easy_fraction: float = 0.0) -> SynthRecord:

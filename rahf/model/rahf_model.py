@@ -103,7 +103,6 @@ class RAHF(nn.Module):
         image tokens before the fusion (B, N, d)); B' = B or T·B."""
         img = self.vision.forward_features(pixel_values)[:, self.num_prefix_tokens:]  # (B, N, Dv)
         img = self.projection(img)  # (B, N, d)
-        tokens = img
         B, N, d = img.shape
         txt = self.t5.shared(input_ids)  # (B, L, d)
         img_mask = attention_mask.new_ones(B, N)
@@ -121,7 +120,7 @@ class RAHF(nn.Module):
                               attention_mask.unsqueeze(0).expand(T, -1, -1)], dim=2).reshape(T * B, -1)
         hidden = self.t5.encoder(inputs_embeds=seq, attention_mask=mask).last_hidden_state
         fmap = hidden[:, :N].transpose(1, 2).reshape(hidden.shape[0], d, self.grid, self.grid)  # (B', d, g, g)
-        return hidden, mask, fmap, tokens
+        return hidden, mask, fmap, img
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: Optional[torch.Tensor] = None, task_ids: Optional[torch.Tensor] = None,

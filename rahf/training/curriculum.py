@@ -16,28 +16,28 @@ from typing import Sequence
 
 import torch
 
-from ..data.format import read_dataset_info
-from ..data.synth import is_easy
-from ..swaps import group_key
+from ..data.synth import SynthScenes, is_easy
 
 
 def easy_indices(root: str, split: str, uids: Sequence[str]) -> list[bool]:
     """Per record of ``split`` (its ``uids``, variants ``<uid>~<k>`` included): whether it shows an easy
     scene. Needs a synth split generated with ``easy_fraction > 0`` (else a ValueError)."""
-    info = read_dataset_info(root)
-    frac = float((info.get("easy_fraction") or {}).get(split, 0.0))
-    if info.get("source") != "synth" or frac <= 0:
+    try:
+        scenes = SynthScenes(root, split)
+    except ValueError:
+        scenes = None
+    if scenes is None or scenes.easy_fraction <= 0:
         raise ValueError(f"data.curriculum needs a synth train split with easy scenes: {root}/{split} has none "
                          f"(generate it with data.synth.easy_fraction > 0; a synth dataset generated for another job is not "
                          f"regenerated: delete it or point data.root elsewhere, and the job generates its own)")
-    seed, prefix = int(info.get("seed", 0)), f"synth-{split}-"
     out = []
     for u in uids:
-        base = group_key(u)
-        if not base.startswith(prefix) or not base[len(prefix):].isdigit():
+        i = scenes.index(u)
+        if i is None:
             raise ValueError(f"record {u}: not a synth uid of split {split!r}")
-        out.append(is_easy(seed, split, int(base[len(prefix):]), frac))
+        out.append(is_easy(scenes.seed, split, i, scenes.easy_fraction))
     return out
+
 
 
 class CurriculumEpochSampler(torch.utils.data.Sampler):

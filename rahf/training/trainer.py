@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .._extras import require
 from ..configtools import ConfigError, dump_yaml, to_dict
-from ..data.format import DataError, open_dataset
+from ..data.format import DataError, open_dataset, read_dataset_info
 from ..data.torch_data import RAHFCollator, RAHFTorchDataset
 from ..data.tokens import truncation_lines
 from ..eval.evaluate import measurement, metrics_document, model_inputs, other_decode, run_evaluation, write_metrics
@@ -224,13 +224,13 @@ class Trainer:
         cfg, v = self.cfg, self.cfg.model.vision
         ds = open_dataset(cfg.data.root, split, on_bad_record=cfg.data.on_bad_record)
         self.bad.opened(split, ds)
-        try:
-            return RAHFTorchDataset(ds, v.img_size, None if stored_maps else cfg.model.heatmap_size, v.mean, v.std,
-                                    scene_grid=cfg.model.grid_size if scene else None)
-        except ValueError as e:
-            raise ConfigError(f"model.scene_head: {e}; set model.scene_head=false to train on other data "
+        if scene and read_dataset_info(cfg.data.root).get("source") != "synth":
+            raise ConfigError(f"model.scene_head: {cfg.data.root} is not a synth dataset: scene targets exist only for "
+                              f"the generator's scenes; set model.scene_head=false to train on other data "
                               f"(configs/default.yaml turns it on for the embedded synth data; configs/paper.yaml "
-                              f"and --config none do not)") from None
+                              f"and --config none do not)")
+        return RAHFTorchDataset(ds, v.img_size, None if stored_maps else cfg.model.heatmap_size, v.mean, v.std,
+                                scene_grid=cfg.model.grid_size if scene else None)
 
     def start_tracking(self) -> None:
         cfg = self.cfg
