@@ -12,6 +12,7 @@ from rahf.model.config import LossConfig
 from rahf.model.loss import RAHFLoss
 
 ATTRS = list(synth.SCENE_ATTRIBUTES.items())
+ALL = tuple(synth.SCENE_ATTRIBUTES)  # shape, colour, size, count
 OFFSETS = np.cumsum([0] + [len(v) for _, v in ATTRS])
 
 
@@ -39,8 +40,9 @@ def test_scene_targets_mark_what_is_drawn_where():
     checked = wrong = shape_errors = 0
     for i in range(40):
         rec = synth.make_record(0, "train", i, 128, 0.5)
-        t = synth.scene_targets(rec.scene, 32)  # 4-px cells of the 128-px image
-        assert t.shape == (32 * 32, synth.SCENE_CLASSES) and t.dtype == np.float32
+        t = synth.scene_targets(rec.scene, 32, attributes=ALL)  # 4-px cells of the 128-px image
+        assert t.shape == (32 * 32, synth.scene_classes(ALL)) and t.dtype == np.float32
+        np.testing.assert_array_equal(synth.scene_targets(rec.scene, 32), t[:, :OFFSETS[3]])  # default: no count
         for a, _ in ATTRS:
             np.testing.assert_allclose(_block(t, a).sum(1), 1.0, atol=1e-5)
         img = np.asarray(rec.image, np.float32).reshape(32, 4, 32, 4, 3).mean((1, 3)).reshape(-1, 3)
@@ -70,10 +72,46 @@ def test_scene_targets_mark_what_is_drawn_where():
 
 def test_scene_targets_follow_size_words():
     rec = synth.make_record(1, "train", 0, 64, 1.0)  # one object
-    t = synth.scene_targets(rec.scene, 8)
+    t = synth.scene_targets(rec.scene, 8, attributes=ALL)
     size = rec.scene.drawn[0].size or "medium"
     covered = _block(t, "size")[:, 1:].sum(0)
     assert covered.argmax() + 1 == synth.SCENE_ATTRIBUTES["size"].index(size) and (covered > 0).sum() == 1
+
+
+def test_scene_targets_count_the_drawn_objects_of_each_group():
+    """The count column of an object's patches is how many objects of its group are drawn, which differs
+    from the prompt's number exactly where the record has a count error."""
+    count_errors = multi = 0
+    for i in range(60):
+        sc = synth.record_scene(2, "train", i, 0.0)
+        t = synth.scene_targets(sc, 16, attributes=("count", "colour"))
+        assert t.shape == (256, 4 + 7)
+        drawn = [p for p in sc.instances if p.drawn]
+        colour = t[:, 4:]
+        for g in {p.group for p in drawn}:
+            n = sum(p.group == g for p in drawn)
+            assert n == sc.drawn[g].count
+            if sc.errors.get(g) == "count":
+                count_errors += 1
+                assert n != sc.spec.groups[g].count
+            multi += n > 1
+            # the patches mostly of this group's colour (colours differ between groups unless an error
+            # repeats one) are named with its count
+            c = synth.SCENE_ATTRIBUTES["colour"].index(sc.drawn[g].colour)
+            if sum(sc.drawn[h].colour == sc.drawn[g].colour for h in {p.group for p in drawn}) > 1:
+                continue
+            mine = colour[:, c] > 0.9
+            assert mine.any() and (t[mine, :4].argmax(1) == n).all(), (i, g, n)
+    assert count_errors > 0 and multi > 0
+
+
+def test_scene_attributes_are_checked():
+    assert synth.scene_classes(("count",)) == 4
+    for bad in ((), ("shape", "shape"), ("shape", "texture")):
+        with pytest.raises(ValueError, match="scene attributes"):
+            synth.scene_classes(bad)
+    with pytest.raises(ConfigError, match="model.scene_attributes"):
+        RAHFConfig.preset("tiny", scene_head=True, scene_attributes=["shape", "hue"]).validate()
 
 
 def test_synth_scenes_by_uid(tmp_path):
@@ -106,7 +144,7 @@ def _model(vision=None, **kw) -> RAHF:
 
 def _batch(model, root, split="train", n=4):
     ds = RAHFTorchDataset(open_dataset(root, split), model.config.vision.img_size, model.heatmap_size,
-                          scene_grid=model.grid)
+                          scene_grid=model.grid, scene_attributes=model.config.scene_attributes)
     return RAHFCollator.for_model(model)([ds[i] for i in range(n)])
 
 
@@ -118,9 +156,9 @@ def _forward(model, batch):
 @pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
 def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
     synth.generate(tmp_path, train=4, dev=0, test=0, size=64, seed=0, workers=1)
-    model = _model(variant=variant)
+    model = _model(variant=variant, scene_attributes=list(ALL))
     batch = _batch(model, tmp_path)
-    assert batch["scene_targets"].shape == (4, model.grid ** 2, synth.SCENE_CLASSES) and batch["scene_known"].all()
+    assert batch["scene_targets"].shape == (4, model.grid ** 2, synth.scene_classes(ALL)) and batch["scene_known"].all()
     out = _forward(model, batch)
     assert out.scene_logits.shape == batch["scene_targets"].shape
     # the head reads the projected image tokens, before the fusion: the prompt does not change it
@@ -128,7 +166,7 @@ def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
     other.update(RAHFCollator.for_model(model).tokenize_prompts(["a green star"] * 4))
     torch.testing.assert_close(_forward(model, other).scene_logits, out.scene_logits)
     cfg = LossConfig(scene=0.5)
-    losses = RAHFLoss(cfg)(out, batch)
+    losses = RAHFLoss(cfg, ALL)(out, batch)
     t = batch["scene_targets"]
     assert (t[..., 0] < 1).any() and (t[..., 0] == 1).any()  # object and background patches
     w = 1 + (cfg.scene_object_weight - 1) * (1 - t[..., 0])  # object patches weigh more (default 5)
@@ -138,7 +176,7 @@ def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
         by_hand += ((-(t[..., lo:hi] * logp).sum(-1) * w).sum() / w.sum()).item()
     assert cfg.scene_object_weight == 5
     assert losses["scene_loss"].item() == pytest.approx(by_hand, rel=1e-5)
-    plain = RAHFLoss.scene_loss(out.scene_logits, t, batch["scene_known"], object_weight=1.0)
+    plain = RAHFLoss.scene_loss(out.scene_logits, t, batch["scene_known"], object_weight=1.0, attributes=ALL)
     assert plain.item() == pytest.approx(sum(-(t[..., lo:hi] * torch.log_softmax(out.scene_logits[..., lo:hi], -1))
                                              .sum(-1).mean().item() for lo, hi in zip(OFFSETS[:-1], OFFSETS[1:])),
                                          rel=1e-5)
@@ -146,10 +184,14 @@ def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
     assert losses["loss"].item() == pytest.approx((rest + 0.5 * losses["scene_loss"]).item(), rel=1e-5)
     # records whose scene is unknown do not count; none known: 0, with a gradient path
     known = torch.tensor([True, False, True, False])
-    part = RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], known)
+    part = RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], known, attributes=ALL)
     assert part.item() == pytest.approx(RAHFLoss.scene_loss(out.scene_logits[known], batch["scene_targets"][known],
-                                                            torch.ones(2, dtype=torch.bool)).item(), rel=1e-6)
-    assert RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], torch.zeros(4, dtype=torch.bool)).item() == 0
+                                                            torch.ones(2, dtype=torch.bool), attributes=ALL).item(),
+                                        rel=1e-6)
+    assert RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], torch.zeros(4, dtype=torch.bool),
+                               attributes=ALL).item() == 0
+    with pytest.raises(ValueError, match="attributes"):  # columns that are not the attributes'
+        RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], known)
     losses["scene_loss"].backward()
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0  # it reaches the vision encoder
 

@@ -223,6 +223,13 @@ class RAHFConfig:
     # trained on synth training splits only, whose scenes the generator knows: it teaches the vision
     # encoder the words the prompt uses (docs/prompt_reading.md); logits returned as ``scene_logits``
     scene_head: bool = False
+    # what the scene head names per patch, from rahf.data.synth.SCENE_ATTRIBUTES: shape, colour, size
+    # and count (how many objects of the patch's group are drawn)
+    scene_attributes: list = field(default_factory=lambda: ["shape", "colour", "size"])
+    # the score heads also read the fused prompt tokens: a small MLP on their masked mean and max adds
+    # a logit to each score head's (zero at initialisation). The prompt tokens are where the word head
+    # finds which words are misaligned; the alignment score is a function of those words
+    score_text: bool = False
 
     def __post_init__(self):
         found = head_style_of(self.heatmap_head, self.score_head)
@@ -278,6 +285,13 @@ class RAHFConfig:
                                   f"(use stem=patch)")
         if self.heatmap_head.upsample < 1:
             raise ConfigError("model.heatmap_head.upsample must be >= 1")
+        if self.scene_head:
+            from ..data.synth import scene_classes
+
+            try:
+                scene_classes(self.scene_attributes)
+            except ValueError as e:
+                raise ConfigError(f"model.scene_attributes: {e}") from None
         for k in TASKS:
             if self.variant == "augmented_prompt" and k not in self.task_prompts:
                 raise ConfigError(f"model.task_prompts lacks an entry for {k!r}")

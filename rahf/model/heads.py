@@ -137,8 +137,12 @@ class ScoreHead(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.channels_last = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The score before the sigmoid, (B,)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.convs(x).contiguous().flatten(1)  # (B, c·h·w), NCHW order whatever the memory format
-        return torch.sigmoid(self.mlp(x).float()).squeeze(1)  # (B,)
+        return self.mlp(x).float().squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))  # (B,)

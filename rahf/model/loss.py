@@ -20,16 +20,17 @@ class RAHFLoss(nn.Module):
     (``batch["word_tags"]``: 1 tagged, 0 not, -1 no word) is added with weight ``word_tags``
     (key ``word_loss``); with a scene head (``model.scene_head``) the soft cross-entropy of its
     per-patch logits against ``batch["scene_targets"]`` for the records of ``batch["scene_known"]``
-    (object patches weighted by ``scene_object_weight``) is added with weight ``scene`` (key
-    ``scene_loss``, :meth:`scene_loss`).
+    (object patches weighted by ``scene_object_weight``; columns of ``scene_attributes``, the model's
+    ``model.scene_attributes``) is added with weight ``scene`` (key ``scene_loss``, :meth:`scene_loss`).
     Heatmap MSE is pixel-wise, optionally weighting pixels with ground truth > 0 by
     ``heatmap_positive_weight`` (weighted mean). Returns ``{"loss", "heatmap_loss", "score_loss",
     "text_loss", "<map>_loss", "<score>_loss"}`` (all scalars; ``loss`` is the one to backpropagate).
     """
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: LossConfig, scene_attributes=None):
         super().__init__()
         self.cfg = cfg
+        self.scene_attributes = tuple(scene_attributes) if scene_attributes else None  # model.scene_attributes
 
     def heatmap_mse(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         err = (pred.float() - gt.float()).pow(2)  # (B, H, W)
@@ -69,7 +70,7 @@ class RAHFLoss(nn.Module):
         if getattr(out, "scene_logits", None) is not None and "scene_targets" in batch:
             losses["scene_loss"] = self.scene_loss(out.scene_logits, batch["scene_targets"].to(out.scene_logits.device),
                                                    batch["scene_known"].to(out.scene_logits.device),
-                                                   self.cfg.scene_object_weight)
+                                                   self.cfg.scene_object_weight, self.scene_attributes)
             losses["loss"] = losses["loss"] + self.cfg.scene * losses["scene_loss"]
         if self.cfg.alignment_rank > 0 and batch.get("uids"):
             losses["rank_loss"] = self.alignment_rank_loss(out.scores[:, SCORE_NAMES.index("alignment")].float(),
@@ -80,20 +81,25 @@ class RAHFLoss(nn.Module):
 
     @staticmethod
     def scene_loss(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
-                   object_weight: float = 1.0) -> torch.Tensor:
-        """Soft cross-entropy of the scene head: for each attribute of
-        :data:`rahf.data.synth.SCENE_ATTRIBUTES` (its own softmax over its classes), against the
+                   object_weight: float = 1.0, attributes=None) -> torch.Tensor:
+        """Soft cross-entropy of the scene head: for each of ``attributes`` (names of
+        :data:`rahf.data.synth.SCENE_ATTRIBUTES`, default shape, colour, size; the columns of ``logits``
+        and ``targets`` in that order), its own softmax over its classes, against the
         patch's class shares; summed over attributes, a weighted mean over the patches of the records
         whose scene is known (``known`` (B,) bool): a patch weighs ``1 + (object_weight - 1) * c``, c
         the share of it covered by drawn objects. 0 when no record's scene is known."""
-        from ..data.synth import SCENE_ATTRIBUTES
+        from ..data.synth import DEFAULT_SCENE_ATTRIBUTES, SCENE_ATTRIBUTES, scene_classes
 
+        attributes = tuple(attributes or DEFAULT_SCENE_ATTRIBUTES)
+        if logits.shape[-1] != scene_classes(attributes) or targets.shape[-1] != logits.shape[-1]:
+            raise ValueError(f"scene logits have {logits.shape[-1]} and targets {targets.shape[-1]} classes; "
+                             f"attributes {list(attributes)} have {scene_classes(attributes)}")
         if not bool(known.any()):
             return logits.sum() * 0.0
         logits, targets = logits[known].float(), targets[known].float()  # (B', N, C)
         w = 1.0 + (object_weight - 1.0) * (1.0 - targets[..., 0])  # class 0 of the first attribute: background
         total, start = logits.new_zeros(()), 0
-        for names in SCENE_ATTRIBUTES.values():
+        for names in (SCENE_ATTRIBUTES[a] for a in attributes):
             part = slice(start, start + len(names))
             ce = -(targets[..., part] * F.log_softmax(logits[..., part], dim=-1)).sum(-1)
             total = total + (ce * w).sum() / w.sum()

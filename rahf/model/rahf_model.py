@@ -79,11 +79,17 @@ class RAHF(nn.Module):
             self.score_head = ScoreHead(d, self.grid, config.score_head)
         self.word_head = nn.Linear(d, 1) if config.word_head else None
         if config.scene_head:
-            from ..data.synth import SCENE_CLASSES
+            from ..data.synth import scene_classes
 
-            self.scene_head = nn.Linear(d, SCENE_CLASSES)
+            self.scene_head = nn.Linear(d, scene_classes(config.scene_attributes))
         else:
             self.scene_head = None
+        if config.score_text:
+            self.score_text = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(inplace=True), nn.Linear(d, len(SCORE_NAMES)))
+            nn.init.zeros_(self.score_text[-1].weight)
+            nn.init.zeros_(self.score_text[-1].bias)
+        else:
+            self.score_text = None
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -130,13 +136,19 @@ class RAHF(nn.Module):
         B = pixel_values.shape[0]
         if self.config.variant == "multi_head":
             heatmaps = {m: head(fmap) for m, head in self.heatmap_heads.items()}
-            scores = torch.stack([self.score_heads[s](fmap) for s in SCORE_NAMES], dim=1)  # (B, 4)
+            scores = torch.stack([self.score_heads[s].logits(fmap) for s in SCORE_NAMES], dim=1)  # (B, 4)
         else:
             nm, ns = len(MAP_NAMES), len(SCORE_NAMES)
             maps = self.heatmap_head(fmap[: nm * B])  # (2B, H, W)
             heatmaps = dict(zip(MAP_NAMES, maps.split(B)))
-            scores = self.score_head(fmap[nm * B:(nm + ns) * B]).view(ns, B).t()  # (B, 4)
+            scores = self.score_head.logits(fmap[nm * B:(nm + ns) * B]).view(ns, B).t()  # (B, 4)
             hidden, mask = hidden[(nm + ns) * B:], mask[(nm + ns) * B:]  # the keywords task
+        if self.score_text is not None:  # the prompt tokens are the last L positions in both variants
+            txt, m = hidden[:, -input_ids.shape[1]:], attention_mask[:, :, None].to(hidden.dtype)
+            mean = (txt * m).sum(1) / m.sum(1).clamp_min(1.0)
+            peak = txt.masked_fill(m == 0, torch.finfo(txt.dtype).min).amax(1)
+            scores = scores + self.score_text(torch.cat([mean, peak], dim=-1)).to(scores.dtype)
+        scores = torch.sigmoid(scores.float())
         word_logits = None
         if self.word_head is not None:  # the prompt tokens are the last L positions in both variants
             word_logits = self.word_head(hidden[:, -input_ids.shape[1]:]).squeeze(-1).float()  # (B, L)

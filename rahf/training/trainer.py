@@ -206,7 +206,7 @@ class Trainer:
             model = torch.compile(model)
         self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
-        self.loss_fn = RAHFLoss(cfg.model.loss)
+        self.loss_fn = RAHFLoss(cfg.model.loss, cfg.model.scene_attributes)
         self.unwrapped = acc.unwrap_model(self.model, keep_torch_compile=False)
         self.checkpointed = Checkpointed(model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,
                                          wrapped=self.model)
@@ -230,7 +230,8 @@ class Trainer:
                               f"(configs/default.yaml turns it on for the embedded synth data; configs/paper.yaml "
                               f"and --config none do not)")
         return RAHFTorchDataset(ds, v.img_size, None if stored_maps else cfg.model.heatmap_size, v.mean, v.std,
-                                scene_grid=cfg.model.grid_size if scene else None)
+                                scene_grid=cfg.model.grid_size if scene else None,
+                                scene_attributes=cfg.model.scene_attributes)
 
     def start_tracking(self) -> None:
         cfg = self.cfg
