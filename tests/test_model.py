@@ -243,3 +243,51 @@ def test_conv_stem_refusals():
         rahf.RAHF(rahf.RAHFConfig.preset("tiny", vision={"stem": "conv", "img_size": 120, "patch_size": 12}))
     with pytest.raises(ConfigError, match="linear patch embedding"):
         rahf.RAHFConfig.preset("tiny", vision={"stem": "conv", "pretrained": "vit_tiny_patch16_224"}).validate()
+
+
+@pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
+def test_score_text_adds_a_logit_from_the_prompt_tokens(tmp_path, variant):
+    """model.score_text: each score is sigmoid(its image head's logit + an MLP on the masked mean and max
+    of the fused prompt tokens); padding does not count; it starts at zero, learns, and is saved."""
+    torch.manual_seed(2)
+    cfg = rahf.RAHFConfig.preset("tiny", variant=variant, vision={"img_size": 64, "depth": 1},
+                                 text={"num_layers": 1, "num_decoder_layers": 1}, score_text=True)
+    model = rahf.RAHF(cfg).eval()
+    items = fake_items(cfg)
+    coll = RAHFCollator.for_model(model)
+    batch = coll(items)
+    assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: padded
+    with torch.no_grad():
+        before = model(**tensors(batch)).scores
+        nn = model.score_text
+        torch.nn.init.normal_(nn[-1].weight, std=0.5)
+        torch.nn.init.normal_(nn[-1].bias, std=0.5)
+        out = model(**tensors(batch))
+        assert (out.scores - before).abs().max() > 1e-3  # the zero-initialised layer was all it lacked
+        task = {k: batch[k] for k in ("task_ids", "task_mask") if k in batch}
+        hidden, _, fmap, _ = model._encode(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **task)
+        B, L = batch["input_ids"].shape
+        if variant == "multi_head":
+            img = torch.stack([model.score_heads[s].logits(fmap) for s in rahf.SCORE_NAMES], 1)
+        else:
+            n = len(rahf.MAP_NAMES)
+            img = model.score_head.logits(fmap[n * B:(n + 4) * B]).view(4, B).t()
+            hidden = hidden[(n + 4) * B:]
+        txt = hidden[:, -L:]
+        pooled = []
+        for j in range(B):
+            valid = txt[j, batch["attention_mask"][j].bool()]
+            pooled.append(torch.cat([valid.mean(0), valid.max(0).values]))
+        by_hand = torch.sigmoid(img + nn(torch.stack(pooled)))
+        torch.testing.assert_close(out.scores, by_hand, atol=1e-5, rtol=1e-5)
+        for j in range(B):  # alone, unpadded: the same scores
+            alone = coll([items[j]])
+            torch.testing.assert_close(model(**tensors(alone)).scores[0], out.scores[j], atol=1e-5, rtol=1e-5)
+    model.train()
+    out = model(**tensors(batch))
+    rahf.RAHFLoss(cfg.loss)(out, batch)["score_loss"].backward()
+    assert nn[0].weight.grad.abs().sum() > 0 and nn[-1].weight.grad.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = rahf.RAHF.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**tensors(batch)).scores, model(**tensors(batch)).scores)
