@@ -11,8 +11,8 @@ from rahf.model import RAHF, RAHFConfig
 from rahf.model.config import LossConfig
 from rahf.model.loss import RAHFLoss
 
-ATTRS = list(synth.SCENE_ATTRIBUTES.items())
-ALL = tuple(synth.SCENE_ATTRIBUTES)  # shape, colour, size, count
+ALL = tuple(a for a in synth.SCENE_ATTRIBUTES if a not in synth.PROMPT_ATTRIBUTES)  # shape, colour, size, count
+ATTRS = [(a, synth.SCENE_ATTRIBUTES[a]) for a in ALL]
 OFFSETS = np.cumsum([0] + [len(v) for _, v in ATTRS])
 
 
@@ -43,7 +43,7 @@ def test_scene_targets_mark_what_is_drawn_where():
         t = synth.scene_targets(rec.scene, 32, attributes=ALL)  # 4-px cells of the 128-px image
         assert t.shape == (32 * 32, synth.scene_classes(ALL)) and t.dtype == np.float32
         np.testing.assert_array_equal(synth.scene_targets(rec.scene, 32), t[:, :OFFSETS[3]])  # default: no count
-        for a, _ in ATTRS:
+        for a in ALL:
             np.testing.assert_allclose(_block(t, a).sum(1), 1.0, atol=1e-5)
         img = np.asarray(rec.image, np.float32).reshape(32, 4, 32, 4, 3).mean((1, 3)).reshape(-1, 3)
         col = _block(t, "colour").reshape(32, 32, -1)
@@ -138,13 +138,13 @@ def test_synth_scenes_by_uid(tmp_path):
 def _model(vision=None, **kw) -> RAHF:
     torch.manual_seed(0)
     cfg = RAHFConfig.preset("tiny", vision={"img_size": 64, "depth": 1, **(vision or {})},
-                            text={"num_layers": 1, "num_decoder_layers": 1}, scene_head=True, **kw)
+                            text={"num_layers": 1, "num_decoder_layers": 1}, **{"scene_head": True, **kw})
     return RAHF(cfg)
 
 
 def _batch(model, root, split="train", n=4):
     ds = RAHFTorchDataset(open_dataset(root, split), model.config.vision.img_size, model.heatmap_size,
-                          scene_grid=model.grid, scene_attributes=model.config.scene_attributes)
+                          scene_grid=model.grid, scene_attributes=model.config.target_attributes)
     return RAHFCollator.for_model(model)([ds[i] for i in range(n)])
 
 
@@ -250,3 +250,60 @@ def test_scene_head_saves_loads_and_is_named_on_the_card(tmp_path):
     assert plain.scene_head is None
     plain.save_pretrained(tmp_path / "p")
     assert "scene head" not in str(build_model_card(tmp_path / "p"))
+
+
+def test_group_targets_follow_the_prompts_phrases():
+    """The group column names the prompt's phrase (order of mention) whose objects cover the patch, drawn
+    wrongly or not; a missing group has no patch."""
+    seen_error = False
+    for i in range(40):
+        sc = synth.record_scene(4, "train", i, 0.0)
+        t = synth.scene_targets(sc, 16, attributes=("colour", "group"))
+        colour, group = t[:, :7], t[:, 7:]
+        mention = [r[1] for r in sc.spec.roles if isinstance(r, tuple) and r[0] == "noun"]
+        assert mention == sorted(mention)  # phrases are named in group order
+        drawn = {p.group for p in sc.instances if p.drawn}
+        covered = set(np.flatnonzero(group[:, 1:].sum(0) > 0))
+        assert covered <= drawn and all(sc.errors.get(g) != "missing" for g in covered)
+        for g in drawn:
+            c = synth.SCENE_ATTRIBUTES["colour"].index(sc.drawn[g].colour)
+            if sum(sc.drawn[h].colour == sc.drawn[g].colour for h in drawn) > 1:
+                continue
+            mine = colour[:, c] > 0.9
+            assert mine.any() and (group[mine].argmax(1) == g + 1).all(), (i, g)
+            seen_error |= g in sc.errors
+    assert seen_error
+
+
+def test_ground_head_reads_the_fused_tokens_and_trains_beside_the_scene_head(tmp_path):
+    synth.generate(tmp_path, train=4, dev=0, test=0, size=64, seed=0, workers=1)
+    with pytest.raises(ConfigError, match="needs the prompt"):
+        RAHFConfig.preset("tiny", scene_head=True, scene_attributes=["shape", "group"]).validate()
+    model = _model(ground_head=True, scene_attributes=["shape", "count"])
+    assert model.config.target_attributes == ("shape", "count", "group")
+    batch = _batch(model, tmp_path)
+    ns = synth.scene_classes(("shape", "count"))
+    assert batch["scene_targets"].shape == (4, model.grid ** 2, ns + 5)
+    out = _forward(model, batch)
+    assert out.ground_logits.shape == (4, model.grid ** 2, 5)
+    other = dict(batch)  # unlike the scene head, the ground head reads the prompt
+    other.update(RAHFCollator.for_model(model).tokenize_prompts(["a green star"] * 4))
+    moved = _forward(model, other)
+    torch.testing.assert_close(moved.scene_logits, out.scene_logits)
+    assert (moved.ground_logits - out.ground_logits).abs().max() > 1e-4
+    cfg = LossConfig(scene=0.5, ground=2.0)
+    losses = RAHFLoss(cfg, ("shape", "count"))(out, batch)
+    t, known = batch["scene_targets"], batch["scene_known"]
+    want_scene = RAHFLoss.scene_loss(out.scene_logits, t[..., :ns], known, 5.0, ("shape", "count"))
+    want_ground = RAHFLoss.scene_loss(out.ground_logits, t[..., ns:], known, 5.0, ("group",))
+    assert losses["scene_loss"].item() == pytest.approx(want_scene.item(), rel=1e-6)
+    assert losses["ground_loss"].item() == pytest.approx(want_ground.item(), rel=1e-6)
+    rest = (cfg.heatmap * losses["heatmap_loss"] + cfg.score * losses["score_loss"] + cfg.text * losses["text_loss"])
+    assert losses["loss"].item() == pytest.approx((rest + 0.5 * want_scene + 2.0 * want_ground).item(), rel=1e-5)
+    losses["ground_loss"].backward()
+    assert model.t5.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0  # through the fusion
+    # alone (no scene head) its targets are the group columns only
+    alone = _model(ground_head=True, scene_head=False)
+    b = _batch(alone, tmp_path)
+    assert b["scene_targets"].shape[-1] == 5 and _forward(alone, b).scene_logits is None
+    assert "ground_loss" in RAHFLoss(cfg)(_forward(alone, b), b)

@@ -716,9 +716,13 @@ SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "colour": ("none",) + tuple(COLOURS),
     "size": ("none", "small", "medium", "big"),
     "count": ("none", "one", "two", "three"),
+    # which of the prompt's object phrases (in the order the prompt names them) the patch shows: the
+    # grounding of the prompt in the image, known only with the prompt (model.ground_head)
+    "group": ("none", "first", "second", "third", "fourth"),
 }
 SCENE_CLASSES = sum(len(v) for v in SCENE_ATTRIBUTES.values())
 DEFAULT_SCENE_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size")
+PROMPT_ATTRIBUTES: tuple[str, ...] = ("group",)  # what needs the prompt: not for the pre-fusion scene head
 
 
 def scene_classes(attributes: Sequence[str] = DEFAULT_SCENE_ATTRIBUTES) -> int:
@@ -736,7 +740,8 @@ def scene_targets(scene: Scene, grid: int, cell: int = 8,
     ``attributes`` in turn (class 0 of each is "none": background). Each attribute's columns sum to
     1: the share of the patch covered by each drawn object's shape / colour / size word ("medium" for
     no size word) / count (how many objects of its group are drawn: the number the prompt's count word
-    is compared with), with objects painted in :func:`render_scene`'s order (big first) so an object
+    is compared with) / group (the prompt's object phrase it is, by order of mention: its objects
+    even when drawn wrongly; a prompt variant with one word swapped keeps its groups), with objects painted in :func:`render_scene`'s order (big first) so an object
     inside another wins where it is drawn. Rasterised at ``cell`` px per patch; artifacts and
     outlines are ignored (an object's outline counts as the object)."""
     scene_classes(attributes)
@@ -757,7 +762,8 @@ def scene_targets(scene: Scene, grid: int, cell: int = 8,
     for i, p in enumerate(drawn):
         g = scene.drawn[p.group]
         value = {"shape": g.shape, "colour": g.colour, "size": g.size or "medium",
-                 "count": SCENE_ATTRIBUTES["count"][min(counts[p.group], 3)]}
+                 "count": SCENE_ATTRIBUTES["count"][min(counts[p.group], 3)],
+                 "group": SCENE_ATTRIBUTES["group"][min(p.group + 1, 4)]}
         for off, a, names in zip(offsets, attributes, columns):
             lookup[i + 1, off + names.index(value[a])] = 1.0
     onehot = lookup[ids]  # (W, W, C)

@@ -135,6 +135,9 @@ class LossConfig:
     # the scene loss's weight on a patch covered by drawn objects, relative to background (scaled by the
     # covered share): most patches are background, and shapes are learned only when objects weigh more
     scene_object_weight: float = 5.0
+    # weight of the grounding loss (soft cross-entropy of the ground head per patch, model.ground_head=true;
+    # object patches weighted like the scene loss's)
+    ground: float = 1.0
 
 
 # Named head styles: both heads, absolute in channels; the output size of every style is patch grid × 16.
@@ -230,6 +233,11 @@ class RAHFConfig:
     # a logit to each score head's (zero at initialisation). The prompt tokens are where the word head
     # finds which words are misaligned; the alignment score is a function of those words
     score_text: bool = False
+    # a linear head on the fused image tokens that names, per patch, which of the prompt's object phrases
+    # (first, second, ... in the order the prompt names them; or none) is drawn there (soft cross-entropy,
+    # loss.ground; synth training splits only): it teaches the fusion to find each phrase in the image, the
+    # step before comparing counts, places and attributes; logits returned as ``ground_logits``
+    ground_head: bool = False
 
     def __post_init__(self):
         found = head_style_of(self.heatmap_head, self.score_head)
@@ -242,6 +250,12 @@ class RAHFConfig:
             raise ConfigError(f"model.head_style={self.head_style!r}, but heatmap_head/score_head are not that "
                               f"style's ({found}); build the config with RAHFConfig.preset(..., "
                               f"head_style={self.head_style!r}) or from_dict, which apply the style")
+
+    @property
+    def target_attributes(self) -> tuple[str, ...]:
+        """The per-patch scene target columns training needs: the scene head's attributes, then "group"
+        for the ground head (empty: neither head)."""
+        return (tuple(self.scene_attributes) if self.scene_head else ()) + (("group",) if self.ground_head else ())
 
     # ---- derived geometry -------------------------------------------------------------
     @property
@@ -286,12 +300,16 @@ class RAHFConfig:
         if self.heatmap_head.upsample < 1:
             raise ConfigError("model.heatmap_head.upsample must be >= 1")
         if self.scene_head:
-            from ..data.synth import scene_classes
+            from ..data.synth import PROMPT_ATTRIBUTES, scene_classes
 
             try:
                 scene_classes(self.scene_attributes)
             except ValueError as e:
                 raise ConfigError(f"model.scene_attributes: {e}") from None
+            if set(self.scene_attributes) & set(PROMPT_ATTRIBUTES):
+                raise ConfigError(f"model.scene_attributes: {sorted(set(self.scene_attributes) & set(PROMPT_ATTRIBUTES))} "
+                                  "needs the prompt, and the scene head reads the image tokens before the fusion "
+                                  "(model.ground_head names the prompt's phrases per patch)")
         for k in TASKS:
             if self.variant == "augmented_prompt" and k not in self.task_prompts:
                 raise ConfigError(f"model.task_prompts lacks an entry for {k!r}")

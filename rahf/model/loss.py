@@ -21,7 +21,9 @@ class RAHFLoss(nn.Module):
     (key ``word_loss``); with a scene head (``model.scene_head``) the soft cross-entropy of its
     per-patch logits against ``batch["scene_targets"]`` for the records of ``batch["scene_known"]``
     (object patches weighted by ``scene_object_weight``; columns of ``scene_attributes``, the model's
-    ``model.scene_attributes``) is added with weight ``scene`` (key ``scene_loss``, :meth:`scene_loss`).
+    ``model.scene_attributes``) is added with weight ``scene`` (key ``scene_loss``, :meth:`scene_loss`); with
+    a ground head (``model.ground_head``) the same loss of its logits against the targets' last columns
+    (the "group" attribute) with weight ``ground`` (key ``ground_loss``).
     Heatmap MSE is pixel-wise, optionally weighting pixels with ground truth > 0 by
     ``heatmap_positive_weight`` (weighted mean). Returns ``{"loss", "heatmap_loss", "score_loss",
     "text_loss", "<map>_loss", "<score>_loss"}`` (all scalars; ``loss`` is the one to backpropagate).
@@ -67,11 +69,19 @@ class RAHFLoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(out.word_logits, target.clamp_min(0).float(), reduction="none")
             losses["word_loss"] = (bce * known).sum() / known.sum().clamp_min(1)
             losses["loss"] = losses["loss"] + self.cfg.word_tags * losses["word_loss"]
-        if getattr(out, "scene_logits", None) is not None and "scene_targets" in batch:
-            losses["scene_loss"] = self.scene_loss(out.scene_logits, batch["scene_targets"].to(out.scene_logits.device),
-                                                   batch["scene_known"].to(out.scene_logits.device),
-                                                   self.cfg.scene_object_weight, self.scene_attributes)
-            losses["loss"] = losses["loss"] + self.cfg.scene * losses["scene_loss"]
+        scene, ground = getattr(out, "scene_logits", None), getattr(out, "ground_logits", None)
+        if (scene is not None or ground is not None) and "scene_targets" in batch:
+            ref = scene if scene is not None else ground
+            targets, known = batch["scene_targets"].to(ref.device), batch["scene_known"].to(ref.device)
+            n = scene.shape[-1] if scene is not None else 0  # the scene head's columns first, then the group's
+            if scene is not None:
+                losses["scene_loss"] = self.scene_loss(scene, targets[..., :n], known, self.cfg.scene_object_weight,
+                                                       self.scene_attributes)
+                losses["loss"] = losses["loss"] + self.cfg.scene * losses["scene_loss"]
+            if ground is not None:
+                losses["ground_loss"] = self.scene_loss(ground, targets[..., n:], known, self.cfg.scene_object_weight,
+                                                        ("group",))
+                losses["loss"] = losses["loss"] + self.cfg.ground * losses["ground_loss"]
         if self.cfg.alignment_rank > 0 and batch.get("uids"):
             losses["rank_loss"] = self.alignment_rank_loss(out.scores[:, SCORE_NAMES.index("alignment")].float(),
                                                            batch["scores"][:, SCORE_NAMES.index("alignment")].float(),
