@@ -11,7 +11,7 @@ from rahf.model import RAHF, RAHFConfig
 from rahf.model.config import LossConfig
 from rahf.model.loss import RAHFLoss
 
-ALL = tuple(a for a in synth.SCENE_ATTRIBUTES if a not in synth.PROMPT_ATTRIBUTES)  # shape, colour, size, count
+ALL = synth.DEFAULT_SCENE_ATTRIBUTES  # shape, colour, size: what the scene head names
 ATTRS = [(a, synth.SCENE_ATTRIBUTES[a]) for a in ALL]
 OFFSETS = np.cumsum([0] + [len(v) for _, v in ATTRS])
 
@@ -42,7 +42,7 @@ def test_scene_targets_mark_what_is_drawn_where():
         rec = synth.make_record(0, "train", i, 128, 0.5)
         t = synth.scene_targets(rec.scene, 32, attributes=ALL)  # 4-px cells of the 128-px image
         assert t.shape == (32 * 32, synth.scene_classes(ALL)) and t.dtype == np.float32
-        np.testing.assert_array_equal(synth.scene_targets(rec.scene, 32), t[:, :OFFSETS[3]])  # default: no count
+        np.testing.assert_array_equal(synth.scene_targets(rec.scene, 32), t)  # the default attributes
         for a in ALL:
             np.testing.assert_allclose(_block(t, a).sum(1), 1.0, atol=1e-5)
         img = np.asarray(rec.image, np.float32).reshape(32, 4, 32, 4, 3).mean((1, 3)).reshape(-1, 3)
@@ -78,40 +78,11 @@ def test_scene_targets_follow_size_words():
     assert covered.argmax() + 1 == synth.SCENE_ATTRIBUTES["size"].index(size) and (covered > 0).sum() == 1
 
 
-def test_scene_targets_count_the_drawn_objects_of_each_group():
-    """The count column of an object's patches is how many objects of its group are drawn, which differs
-    from the prompt's number exactly where the record has a count error."""
-    count_errors = multi = 0
-    for i in range(60):
-        sc = synth.record_scene(2, "train", i, 0.0)
-        t = synth.scene_targets(sc, 16, attributes=("count", "colour"))
-        assert t.shape == (256, 4 + 7)
-        drawn = [p for p in sc.instances if p.drawn]
-        colour = t[:, 4:]
-        for g in {p.group for p in drawn}:
-            n = sum(p.group == g for p in drawn)
-            assert n == sc.drawn[g].count
-            if sc.errors.get(g) == "count":
-                count_errors += 1
-                assert n != sc.spec.groups[g].count
-            multi += n > 1
-            # the patches mostly of this group's colour (colours differ between groups unless an error
-            # repeats one) are named with its count
-            c = synth.SCENE_ATTRIBUTES["colour"].index(sc.drawn[g].colour)
-            if sum(sc.drawn[h].colour == sc.drawn[g].colour for h in {p.group for p in drawn}) > 1:
-                continue
-            mine = colour[:, c] > 0.9
-            assert mine.any() and (t[mine, :4].argmax(1) == n).all(), (i, g, n)
-    assert count_errors > 0 and multi > 0
-
-
 def test_scene_attributes_are_checked():
-    assert synth.scene_classes(("count",)) == 4
+    assert synth.scene_classes(("group",)) == 5
     for bad in ((), ("shape", "shape"), ("shape", "texture")):
         with pytest.raises(ValueError, match="scene attributes"):
             synth.scene_classes(bad)
-    with pytest.raises(ConfigError, match="model.scene_attributes"):
-        RAHFConfig.preset("tiny", scene_head=True, scene_attributes=["shape", "hue"]).validate()
 
 
 def test_synth_scenes_by_uid(tmp_path):
@@ -156,7 +127,7 @@ def _forward(model, batch):
 @pytest.mark.parametrize("variant", ["multi_head", "augmented_prompt"])
 def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
     synth.generate(tmp_path, train=4, dev=0, test=0, size=64, seed=0, workers=1)
-    model = _model(variant=variant, scene_attributes=list(ALL))
+    model = _model(variant=variant)
     batch = _batch(model, tmp_path)
     assert batch["scene_targets"].shape == (4, model.grid ** 2, synth.scene_classes(ALL)) and batch["scene_known"].all()
     out = _forward(model, batch)
@@ -191,7 +162,7 @@ def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
     assert RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], torch.zeros(4, dtype=torch.bool),
                                attributes=ALL).item() == 0
     with pytest.raises(ValueError, match="attributes"):  # columns that are not the attributes'
-        RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], known)
+        RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], known, attributes=("shape", "colour"))
     losses["scene_loss"].backward()
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0  # it reaches the vision encoder
 
@@ -277,12 +248,10 @@ def test_group_targets_follow_the_prompts_phrases():
 
 def test_ground_head_reads_the_fused_tokens_and_trains_beside_the_scene_head(tmp_path):
     synth.generate(tmp_path, train=4, dev=0, test=0, size=64, seed=0, workers=1)
-    with pytest.raises(ConfigError, match="needs the prompt"):
-        RAHFConfig.preset("tiny", scene_head=True, scene_attributes=["shape", "group"]).validate()
-    model = _model(ground_head=True, scene_attributes=["shape", "count"])
-    assert model.config.target_attributes == ("shape", "count", "group")
+    model = _model(ground_head=True)
+    assert model.config.target_attributes == ("shape", "colour", "size", "group")
     batch = _batch(model, tmp_path)
-    ns = synth.scene_classes(("shape", "count"))
+    ns = synth.scene_classes()
     assert batch["scene_targets"].shape == (4, model.grid ** 2, ns + 5)
     out = _forward(model, batch)
     assert out.ground_logits.shape == (4, model.grid ** 2, 5)
@@ -292,9 +261,9 @@ def test_ground_head_reads_the_fused_tokens_and_trains_beside_the_scene_head(tmp
     torch.testing.assert_close(moved.scene_logits, out.scene_logits)
     assert (moved.ground_logits - out.ground_logits).abs().max() > 1e-4
     cfg = LossConfig(scene=0.5, ground=2.0)
-    losses = RAHFLoss(cfg, ("shape", "count"))(out, batch)
+    losses = RAHFLoss(cfg)(out, batch)
     t, known = batch["scene_targets"], batch["scene_known"]
-    want_scene = RAHFLoss.scene_loss(out.scene_logits, t[..., :ns], known, 5.0, ("shape", "count"))
+    want_scene = RAHFLoss.scene_loss(out.scene_logits, t[..., :ns], known, 5.0)
     want_ground = RAHFLoss.scene_loss(out.ground_logits, t[..., ns:], known, 5.0, ("group",))
     assert losses["scene_loss"].item() == pytest.approx(want_scene.item(), rel=1e-6)
     assert losses["ground_loss"].item() == pytest.approx(want_ground.item(), rel=1e-6)

@@ -715,7 +715,6 @@ SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": ("none",) + tuple(SHAPES),
     "colour": ("none",) + tuple(COLOURS),
     "size": ("none", "small", "medium", "big"),
-    "count": ("none", "one", "two", "three"),
     # which of the prompt's object phrases (in the order the prompt names them) the patch shows: the
     # grounding of the prompt in the image, known only with the prompt (model.ground_head)
     "group": ("none", "first", "second", "third", "fourth"),
@@ -739,9 +738,8 @@ def scene_targets(scene: Scene, grid: int, cell: int = 8,
     patches in row-major order, columns the classes of :data:`SCENE_ATTRIBUTES` for each of
     ``attributes`` in turn (class 0 of each is "none": background). Each attribute's columns sum to
     1: the share of the patch covered by each drawn object's shape / colour / size word ("medium" for
-    no size word) / count (how many objects of its group are drawn: the number the prompt's count word
-    is compared with) / group (the prompt's object phrase it is, by order of mention: its objects
-    even when drawn wrongly; a prompt variant with one word swapped keeps its groups), with objects painted in :func:`render_scene`'s order (big first) so an object
+    no size word) / group (the prompt's object phrase it is, by order of mention: its objects even
+    when drawn wrongly; a prompt variant with one word swapped keeps its groups), with objects painted in :func:`render_scene`'s order (big first) so an object
     inside another wins where it is drawn. Rasterised at ``cell`` px per patch; artifacts and
     outlines are ignored (an object's outline counts as the object)."""
     scene_classes(attributes)
@@ -758,11 +756,9 @@ def scene_targets(scene: Scene, grid: int, cell: int = 8,
     lookup = np.zeros((len(drawn) + 1, sum(len(c) for c in columns)), np.float32)
     offsets = np.cumsum([0] + [len(c) for c in columns])[:-1]
     lookup[0, offsets] = 1.0
-    counts = {gi: sum(q.group == gi for q in drawn) for gi in {q.group for q in drawn}}
     for i, p in enumerate(drawn):
         g = scene.drawn[p.group]
         value = {"shape": g.shape, "colour": g.colour, "size": g.size or "medium",
-                 "count": SCENE_ATTRIBUTES["count"][min(counts[p.group], 3)],
                  "group": SCENE_ATTRIBUTES["group"][min(p.group + 1, 4)]}
         for off, a, names in zip(offsets, attributes, columns):
             lookup[i + 1, off + names.index(value[a])] = 1.0

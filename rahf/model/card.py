@@ -240,7 +240,7 @@ def build_model_card(directory: str | Path, *, metrics: Optional[Mapping[str, ob
         ("heatmap size", f"{config.heatmap_size}×{config.heatmap_size}"),
     ]
     extra = [name for name, on in (("word head (per-word tags)", config.word_head),
-                                   (f"scene head (per-patch {' / '.join(config.scene_attributes)}, a synth training aid)",
+                                   ("scene head (per-patch shape / colour / size, a synth training aid)",
                                     config.scene_head),
                                    ("ground head (per-patch prompt phrase, a synth training aid)", config.ground_head),
                                    ("score heads also read the prompt tokens", config.score_text)) if on]

@@ -226,9 +226,6 @@ class RAHFConfig:
     # trained on synth training splits only, whose scenes the generator knows: it teaches the vision
     # encoder the words the prompt uses (docs/prompt_reading.md); logits returned as ``scene_logits``
     scene_head: bool = False
-    # what the scene head names per patch, from rahf.data.synth.SCENE_ATTRIBUTES: shape, colour, size
-    # and count (how many objects of the patch's group are drawn)
-    scene_attributes: list = field(default_factory=lambda: ["shape", "colour", "size"])
     # the score heads also read the fused prompt tokens: a small MLP on their masked mean and max adds
     # a logit to each score head's (zero at initialisation). The prompt tokens are where the word head
     # finds which words are misaligned; the alignment score is a function of those words
@@ -253,9 +250,11 @@ class RAHFConfig:
 
     @property
     def target_attributes(self) -> tuple[str, ...]:
-        """The per-patch scene target columns training needs: the scene head's attributes, then "group"
-        for the ground head (empty: neither head)."""
-        return (tuple(self.scene_attributes) if self.scene_head else ()) + (("group",) if self.ground_head else ())
+        """The per-patch scene target columns training needs: the scene head's attributes (shape, colour,
+        size), then "group" for the ground head (empty: neither head)."""
+        from ..data.synth import DEFAULT_SCENE_ATTRIBUTES
+
+        return (DEFAULT_SCENE_ATTRIBUTES if self.scene_head else ()) + (("group",) if self.ground_head else ())
 
     # ---- derived geometry -------------------------------------------------------------
     @property
@@ -299,17 +298,6 @@ class RAHFConfig:
                                   f"(use stem=patch)")
         if self.heatmap_head.upsample < 1:
             raise ConfigError("model.heatmap_head.upsample must be >= 1")
-        if self.scene_head:
-            from ..data.synth import PROMPT_ATTRIBUTES, scene_classes
-
-            try:
-                scene_classes(self.scene_attributes)
-            except ValueError as e:
-                raise ConfigError(f"model.scene_attributes: {e}") from None
-            if set(self.scene_attributes) & set(PROMPT_ATTRIBUTES):
-                raise ConfigError(f"model.scene_attributes: {sorted(set(self.scene_attributes) & set(PROMPT_ATTRIBUTES))} "
-                                  "needs the prompt, and the scene head reads the image tokens before the fusion "
-                                  "(model.ground_head names the prompt's phrases per patch)")
         for k in TASKS:
             if self.variant == "augmented_prompt" and k not in self.task_prompts:
                 raise ConfigError(f"model.task_prompts lacks an entry for {k!r}")

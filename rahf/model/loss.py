@@ -20,8 +20,8 @@ class RAHFLoss(nn.Module):
     (``batch["word_tags"]``: 1 tagged, 0 not, -1 no word) is added with weight ``word_tags``
     (key ``word_loss``); with a scene head (``model.scene_head``) the soft cross-entropy of its
     per-patch logits against ``batch["scene_targets"]`` for the records of ``batch["scene_known"]``
-    (object patches weighted by ``scene_object_weight``; columns of ``scene_attributes``, the model's
-    ``model.scene_attributes``) is added with weight ``scene`` (key ``scene_loss``, :meth:`scene_loss`); with
+    (object patches weighted by ``scene_object_weight``; the columns of ``scene_attributes``, default
+    shape, colour, size) is added with weight ``scene`` (key ``scene_loss``, :meth:`scene_loss`); with
     a ground head (``model.ground_head``) the same loss of its logits against the targets' last columns
     (the "group" attribute) with weight ``ground`` (key ``ground_loss``).
     Heatmap MSE is pixel-wise, optionally weighting pixels with ground truth > 0 by
@@ -32,7 +32,7 @@ class RAHFLoss(nn.Module):
     def __init__(self, cfg: LossConfig, scene_attributes=None):
         super().__init__()
         self.cfg = cfg
-        self.scene_attributes = tuple(scene_attributes) if scene_attributes else None  # model.scene_attributes
+        self.scene_attributes = tuple(scene_attributes) if scene_attributes else None  # the scene head's columns
 
     def heatmap_mse(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         err = (pred.float() - gt.float()).pow(2)  # (B, H, W)

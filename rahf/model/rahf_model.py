@@ -82,7 +82,7 @@ class RAHF(nn.Module):
         if config.scene_head:
             from ..data.synth import scene_classes
 
-            self.scene_head = nn.Linear(d, scene_classes(config.scene_attributes))
+            self.scene_head = nn.Linear(d, scene_classes())
         else:
             self.scene_head = None
         if config.ground_head:

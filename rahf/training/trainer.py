@@ -206,7 +206,7 @@ class Trainer:
             model = torch.compile(model)
         self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
-        self.loss_fn = RAHFLoss(cfg.model.loss, cfg.model.scene_attributes if cfg.model.scene_head else None)
+        self.loss_fn = RAHFLoss(cfg.model.loss)
         self.unwrapped = acc.unwrap_model(self.model, keep_torch_compile=False)
         self.checkpointed = Checkpointed(model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,
                                          wrapped=self.model)
