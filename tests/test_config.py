@@ -37,7 +37,8 @@ def test_default_job_is_the_defaults_with_the_prompt_reading_switches():
     assert default_config_path().name == "default.yaml"
     cfg = resolve_config(str(default_config_path()))
     # the default job: the defaults, a safety time cap, the curriculum data, the tiny ViT with a
-    # convolutional stem, a scene head and a word head, whose tags the evaluation reports
+    # convolutional stem, a scene head and a word head, whose tags the evaluation reports, and score
+    # heads that also read the prompt tokens
     base = TrainConfig()
     want = TrainConfig(
         train={**to_dict(base.train), "time_limit_minutes": 8.0},
@@ -45,7 +46,7 @@ def test_default_job_is_the_defaults_with_the_prompt_reading_switches():
         data={**to_dict(base.data), "curriculum": [1.0, 1.0, 0.6, 0.4, 0.3], "group_variants": False,
               "synth": {**to_dict(base.data.synth), "prompts_per_image": 2, "variant_pick": "balanced",
                         "easy_fraction": 0.4}},
-        model=RAHFConfig.preset("tiny", vision={"stem": "conv"}, scene_head=True, word_head=True,
+        model=RAHFConfig.preset("tiny", vision={"stem": "conv"}, scene_head=True, word_head=True, score_text=True,
                                 loss={"scene": 3.0, "word_tags": 2.0}))
     assert to_dict(cfg) == to_dict(want)
 

@@ -11,8 +11,7 @@ from rahf.model import RAHF, RAHFConfig
 from rahf.model.config import LossConfig
 from rahf.model.loss import RAHFLoss
 
-ALL = synth.DEFAULT_SCENE_ATTRIBUTES  # shape, colour, size: what the scene head names
-ATTRS = [(a, synth.SCENE_ATTRIBUTES[a]) for a in ALL]
+ATTRS = list(synth.SCENE_ATTRIBUTES.items())
 OFFSETS = np.cumsum([0] + [len(v) for _, v in ATTRS])
 
 
@@ -40,10 +39,9 @@ def test_scene_targets_mark_what_is_drawn_where():
     checked = wrong = shape_errors = 0
     for i in range(40):
         rec = synth.make_record(0, "train", i, 128, 0.5)
-        t = synth.scene_targets(rec.scene, 32, attributes=ALL)  # 4-px cells of the 128-px image
-        assert t.shape == (32 * 32, synth.scene_classes(ALL)) and t.dtype == np.float32
-        np.testing.assert_array_equal(synth.scene_targets(rec.scene, 32), t)  # the default attributes
-        for a in ALL:
+        t = synth.scene_targets(rec.scene, 32)  # 4-px cells of the 128-px image
+        assert t.shape == (32 * 32, synth.SCENE_CLASSES) and t.dtype == np.float32
+        for a, _ in ATTRS:
             np.testing.assert_allclose(_block(t, a).sum(1), 1.0, atol=1e-5)
         img = np.asarray(rec.image, np.float32).reshape(32, 4, 32, 4, 3).mean((1, 3)).reshape(-1, 3)
         col = _block(t, "colour").reshape(32, 32, -1)
@@ -72,17 +70,10 @@ def test_scene_targets_mark_what_is_drawn_where():
 
 def test_scene_targets_follow_size_words():
     rec = synth.make_record(1, "train", 0, 64, 1.0)  # one object
-    t = synth.scene_targets(rec.scene, 8, attributes=ALL)
+    t = synth.scene_targets(rec.scene, 8)
     size = rec.scene.drawn[0].size or "medium"
     covered = _block(t, "size")[:, 1:].sum(0)
     assert covered.argmax() + 1 == synth.SCENE_ATTRIBUTES["size"].index(size) and (covered > 0).sum() == 1
-
-
-def test_scene_attributes_are_checked():
-    assert synth.scene_classes(("group",)) == 5
-    for bad in ((), ("shape", "shape"), ("shape", "texture")):
-        with pytest.raises(ValueError, match="scene attributes"):
-            synth.scene_classes(bad)
 
 
 def test_synth_scenes_by_uid(tmp_path):
@@ -109,13 +100,13 @@ def test_synth_scenes_by_uid(tmp_path):
 def _model(vision=None, **kw) -> RAHF:
     torch.manual_seed(0)
     cfg = RAHFConfig.preset("tiny", vision={"img_size": 64, "depth": 1, **(vision or {})},
-                            text={"num_layers": 1, "num_decoder_layers": 1}, **{"scene_head": True, **kw})
+                            text={"num_layers": 1, "num_decoder_layers": 1}, scene_head=True, **kw)
     return RAHF(cfg)
 
 
 def _batch(model, root, split="train", n=4):
     ds = RAHFTorchDataset(open_dataset(root, split), model.config.vision.img_size, model.heatmap_size,
-                          scene_grid=model.grid, scene_attributes=model.config.target_attributes)
+                          scene_grid=model.grid)
     return RAHFCollator.for_model(model)([ds[i] for i in range(n)])
 
 
@@ -129,7 +120,7 @@ def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
     synth.generate(tmp_path, train=4, dev=0, test=0, size=64, seed=0, workers=1)
     model = _model(variant=variant)
     batch = _batch(model, tmp_path)
-    assert batch["scene_targets"].shape == (4, model.grid ** 2, synth.scene_classes(ALL)) and batch["scene_known"].all()
+    assert batch["scene_targets"].shape == (4, model.grid ** 2, synth.SCENE_CLASSES) and batch["scene_known"].all()
     out = _forward(model, batch)
     assert out.scene_logits.shape == batch["scene_targets"].shape
     # the head reads the projected image tokens, before the fusion: the prompt does not change it
@@ -137,7 +128,7 @@ def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
     other.update(RAHFCollator.for_model(model).tokenize_prompts(["a green star"] * 4))
     torch.testing.assert_close(_forward(model, other).scene_logits, out.scene_logits)
     cfg = LossConfig(scene=0.5)
-    losses = RAHFLoss(cfg, ALL)(out, batch)
+    losses = RAHFLoss(cfg)(out, batch)
     t = batch["scene_targets"]
     assert (t[..., 0] < 1).any() and (t[..., 0] == 1).any()  # object and background patches
     w = 1 + (cfg.scene_object_weight - 1) * (1 - t[..., 0])  # object patches weigh more (default 5)
@@ -147,7 +138,7 @@ def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
         by_hand += ((-(t[..., lo:hi] * logp).sum(-1) * w).sum() / w.sum()).item()
     assert cfg.scene_object_weight == 5
     assert losses["scene_loss"].item() == pytest.approx(by_hand, rel=1e-5)
-    plain = RAHFLoss.scene_loss(out.scene_logits, t, batch["scene_known"], object_weight=1.0, attributes=ALL)
+    plain = RAHFLoss.scene_loss(out.scene_logits, t, batch["scene_known"], object_weight=1.0)
     assert plain.item() == pytest.approx(sum(-(t[..., lo:hi] * torch.log_softmax(out.scene_logits[..., lo:hi], -1))
                                              .sum(-1).mean().item() for lo, hi in zip(OFFSETS[:-1], OFFSETS[1:])),
                                          rel=1e-5)
@@ -155,14 +146,10 @@ def test_scene_head_reads_the_image_tokens_and_its_loss(tmp_path, variant):
     assert losses["loss"].item() == pytest.approx((rest + 0.5 * losses["scene_loss"]).item(), rel=1e-5)
     # records whose scene is unknown do not count; none known: 0, with a gradient path
     known = torch.tensor([True, False, True, False])
-    part = RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], known, attributes=ALL)
+    part = RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], known)
     assert part.item() == pytest.approx(RAHFLoss.scene_loss(out.scene_logits[known], batch["scene_targets"][known],
-                                                            torch.ones(2, dtype=torch.bool), attributes=ALL).item(),
-                                        rel=1e-6)
-    assert RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], torch.zeros(4, dtype=torch.bool),
-                               attributes=ALL).item() == 0
-    with pytest.raises(ValueError, match="attributes"):  # columns that are not the attributes'
-        RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], known, attributes=("shape", "colour"))
+                                                            torch.ones(2, dtype=torch.bool)).item(), rel=1e-6)
+    assert RAHFLoss.scene_loss(out.scene_logits, batch["scene_targets"], torch.zeros(4, dtype=torch.bool)).item() == 0
     losses["scene_loss"].backward()
     assert model.vision.patch_embed.proj.weight.grad.abs().sum() > 0  # it reaches the vision encoder
 
@@ -221,58 +208,3 @@ def test_scene_head_saves_loads_and_is_named_on_the_card(tmp_path):
     assert plain.scene_head is None
     plain.save_pretrained(tmp_path / "p")
     assert "scene head" not in str(build_model_card(tmp_path / "p"))
-
-
-def test_group_targets_follow_the_prompts_phrases():
-    """The group column names the prompt's phrase (order of mention) whose objects cover the patch, drawn
-    wrongly or not; a missing group has no patch."""
-    seen_error = False
-    for i in range(40):
-        sc = synth.record_scene(4, "train", i, 0.0)
-        t = synth.scene_targets(sc, 16, attributes=("colour", "group"))
-        colour, group = t[:, :7], t[:, 7:]
-        mention = [r[1] for r in sc.spec.roles if isinstance(r, tuple) and r[0] == "noun"]
-        assert mention == sorted(mention)  # phrases are named in group order
-        drawn = {p.group for p in sc.instances if p.drawn}
-        covered = set(np.flatnonzero(group[:, 1:].sum(0) > 0))
-        assert covered <= drawn and all(sc.errors.get(g) != "missing" for g in covered)
-        for g in drawn:
-            c = synth.SCENE_ATTRIBUTES["colour"].index(sc.drawn[g].colour)
-            if sum(sc.drawn[h].colour == sc.drawn[g].colour for h in drawn) > 1:
-                continue
-            mine = colour[:, c] > 0.9
-            assert mine.any() and (group[mine].argmax(1) == g + 1).all(), (i, g)
-            seen_error |= g in sc.errors
-    assert seen_error
-
-
-def test_ground_head_reads_the_fused_tokens_and_trains_beside_the_scene_head(tmp_path):
-    synth.generate(tmp_path, train=4, dev=0, test=0, size=64, seed=0, workers=1)
-    model = _model(ground_head=True)
-    assert model.config.target_attributes == ("shape", "colour", "size", "group")
-    batch = _batch(model, tmp_path)
-    ns = synth.scene_classes()
-    assert batch["scene_targets"].shape == (4, model.grid ** 2, ns + 5)
-    out = _forward(model, batch)
-    assert out.ground_logits.shape == (4, model.grid ** 2, 5)
-    other = dict(batch)  # unlike the scene head, the ground head reads the prompt
-    other.update(RAHFCollator.for_model(model).tokenize_prompts(["a green star"] * 4))
-    moved = _forward(model, other)
-    torch.testing.assert_close(moved.scene_logits, out.scene_logits)
-    assert (moved.ground_logits - out.ground_logits).abs().max() > 1e-4
-    cfg = LossConfig(scene=0.5, ground=2.0)
-    losses = RAHFLoss(cfg)(out, batch)
-    t, known = batch["scene_targets"], batch["scene_known"]
-    want_scene = RAHFLoss.scene_loss(out.scene_logits, t[..., :ns], known, 5.0)
-    want_ground = RAHFLoss.scene_loss(out.ground_logits, t[..., ns:], known, 5.0, ("group",))
-    assert losses["scene_loss"].item() == pytest.approx(want_scene.item(), rel=1e-6)
-    assert losses["ground_loss"].item() == pytest.approx(want_ground.item(), rel=1e-6)
-    rest = (cfg.heatmap * losses["heatmap_loss"] + cfg.score * losses["score_loss"] + cfg.text * losses["text_loss"])
-    assert losses["loss"].item() == pytest.approx((rest + 0.5 * want_scene + 2.0 * want_ground).item(), rel=1e-5)
-    losses["ground_loss"].backward()
-    assert model.t5.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0  # through the fusion
-    # alone (no scene head) its targets are the group columns only
-    alone = _model(ground_head=True, scene_head=False)
-    b = _batch(alone, tmp_path)
-    assert b["scene_targets"].shape[-1] == 5 and _forward(alone, b).scene_logits is None
-    assert "ground_loss" in RAHFLoss(cfg)(_forward(alone, b), b)

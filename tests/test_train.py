@@ -237,4 +237,4 @@ def test_default_job_config_runs_end_to_end_on_a_small_budget(tmp_path):
     m = json.loads((tmp_path / "dj" / "export" / "metrics.json").read_text())
     assert "keyword/f1" in m and "keyword_constrained/f1" in m and "counterfactual/pairwise_acc" in m
     cfg = json.loads((tmp_path / "dj" / "export" / "config.json").read_text())
-    assert cfg["scene_head"] and cfg["word_head"] and cfg["vision"]["stem"] == "conv"
+    assert cfg["scene_head"] and cfg["word_head"] and cfg["score_text"] and cfg["vision"]["stem"] == "conv"

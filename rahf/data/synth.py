@@ -715,34 +715,18 @@ SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": ("none",) + tuple(SHAPES),
     "colour": ("none",) + tuple(COLOURS),
     "size": ("none", "small", "medium", "big"),
-    # which of the prompt's object phrases (in the order the prompt names them) the patch shows: the
-    # grounding of the prompt in the image, known only with the prompt (model.ground_head)
-    "group": ("none", "first", "second", "third", "fourth"),
 }
 SCENE_CLASSES = sum(len(v) for v in SCENE_ATTRIBUTES.values())
-DEFAULT_SCENE_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size")
-PROMPT_ATTRIBUTES: tuple[str, ...] = ("group",)  # what needs the prompt: not for the pre-fusion scene head
 
 
-def scene_classes(attributes: Sequence[str] = DEFAULT_SCENE_ATTRIBUTES) -> int:
-    """The scene head's width for ``attributes`` (names of :data:`SCENE_ATTRIBUTES`)."""
-    bad = [a for a in attributes if a not in SCENE_ATTRIBUTES]
-    if bad or not attributes or len(set(attributes)) < len(attributes):
-        raise ValueError(f"scene attributes must be distinct names from {list(SCENE_ATTRIBUTES)}, got {list(attributes)}")
-    return sum(len(SCENE_ATTRIBUTES[a]) for a in attributes)
-
-
-def scene_targets(scene: Scene, grid: int, cell: int = 8,
-                  attributes: Sequence[str] = DEFAULT_SCENE_ATTRIBUTES) -> np.ndarray:
-    """Per-patch soft labels of what is drawn: ``(grid * grid, scene_classes(attributes))`` float32,
-    patches in row-major order, columns the classes of :data:`SCENE_ATTRIBUTES` for each of
-    ``attributes`` in turn (class 0 of each is "none": background). Each attribute's columns sum to
-    1: the share of the patch covered by each drawn object's shape / colour / size word ("medium" for
-    no size word) / group (the prompt's object phrase it is, by order of mention: its objects even
-    when drawn wrongly; a prompt variant with one word swapped keeps its groups), with objects painted in :func:`render_scene`'s order (big first) so an object
+def scene_targets(scene: Scene, grid: int, cell: int = 8) -> np.ndarray:
+    """Per-patch soft labels of what is drawn: ``(grid * grid, SCENE_CLASSES)`` float32, patches in
+    row-major order, columns the classes of :data:`SCENE_ATTRIBUTES` one attribute after another
+    (shape, colour, size; class 0 of each is "none": background). Each attribute's columns sum to 1:
+    the share of the patch covered by each drawn object's shape / colour / size word ("medium" for
+    no size word), with objects painted in :func:`render_scene`'s order (big first) so an object
     inside another wins where it is drawn. Rasterised at ``cell`` px per patch; artifacts and
     outlines are ignored (an object's outline counts as the object)."""
-    scene_classes(attributes)
     W = grid * cell
     canvas = Image.new("L", (W, W), 0)
     draw = ImageDraw.Draw(canvas)
@@ -752,16 +736,13 @@ def scene_targets(scene: Scene, grid: int, cell: int = 8,
         p = drawn[i]
         _draw_shape(draw, scene.drawn[p.group].shape, p.x * W, p.y * W, p.r * W, i + 1, i + 1, 1)
     ids = np.asarray(canvas, dtype=np.int64)  # (W, W): 0 background, i + 1 object i
-    columns = [SCENE_ATTRIBUTES[a] for a in attributes]
-    lookup = np.zeros((len(drawn) + 1, sum(len(c) for c in columns)), np.float32)
-    offsets = np.cumsum([0] + [len(c) for c in columns])[:-1]
+    lookup = np.zeros((len(drawn) + 1, SCENE_CLASSES), np.float32)
+    offsets = np.cumsum([0] + [len(v) for v in SCENE_ATTRIBUTES.values()])[:-1]
     lookup[0, offsets] = 1.0
     for i, p in enumerate(drawn):
         g = scene.drawn[p.group]
-        value = {"shape": g.shape, "colour": g.colour, "size": g.size or "medium",
-                 "group": SCENE_ATTRIBUTES["group"][min(p.group + 1, 4)]}
-        for off, a, names in zip(offsets, attributes, columns):
-            lookup[i + 1, off + names.index(value[a])] = 1.0
+        for off, names, value in zip(offsets, SCENE_ATTRIBUTES.values(), (g.shape, g.colour, g.size or "medium")):
+            lookup[i + 1, off + names.index(value)] = 1.0
     onehot = lookup[ids]  # (W, W, C)
     return onehot.reshape(grid, cell, grid, cell, -1).mean(axis=(1, 3)).reshape(grid * grid, -1)
 
@@ -782,7 +763,7 @@ class SynthScenes:
         self.split = split
         self.easy_fraction = float((info.get("easy_fraction") or {}).get(split, 0.0))
         self._prefix = f"synth-{split}-"
-        self._cache: dict[tuple, np.ndarray] = {}  # (index, grid, attributes) -> targets: variants and epochs reuse them
+        self._cache: dict[tuple[int, int], np.ndarray] = {}  # (index, grid) -> targets: variants and epochs reuse them
 
     def index(self, uid: str) -> int | None:
         from ..swaps import group_key
@@ -791,15 +772,13 @@ class SynthScenes:
         rest = key[len(self._prefix):] if key.startswith(self._prefix) else ""
         return int(rest) if rest.isdigit() else None
 
-    def targets(self, uid: str, grid: int, attributes: Sequence[str] = DEFAULT_SCENE_ATTRIBUTES) -> np.ndarray | None:
+    def targets(self, uid: str, grid: int) -> np.ndarray | None:
         i = self.index(uid)
         if i is None:
             return None
-        key = (i, grid, tuple(attributes))
-        if key not in self._cache:
-            self._cache[key] = scene_targets(record_scene(self.seed, self.split, i, self.easy_fraction), grid,
-                                             attributes=attributes)
-        return self._cache[key]
+        if (i, grid) not in self._cache:
+            self._cache[i, grid] = scene_targets(record_scene(self.seed, self.split, i, self.easy_fraction), grid)
+        return self._cache[i, grid]
 
 
 def make_record(seed: int, split: str, index: int, size: int = 128, easy_fraction: float = 0.0) -> SynthRecord:

@@ -60,16 +60,13 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
     (so it survives DataLoader workers and reaches the training loop, which counts it).
 
     ``scene_grid`` (a patch grid side; synth splits only, for ``model.scene_head``): each item also
-    carries ``scene_targets`` ((grid², C) per-patch class shares of ``scene_attributes`` (default shape,
-    colour, size), :func:`rahf.data.synth.scene_targets`)
+    carries ``scene_targets`` ((grid², C) per-patch class shares, :func:`rahf.data.synth.scene_targets`)
     and ``scene_known`` (False, with zero targets, for a record that is not a generated scene)."""
 
     def __init__(self, split, image_size: int, heatmap_size: Optional[int], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                 on_bad_record: Optional[str] = None, scene_grid: Optional[int] = None,
-                 scene_attributes: Optional[Sequence[str]] = None):
+                 on_bad_record: Optional[str] = None, scene_grid: Optional[int] = None):
         self.split = split
         self.scene_grid = scene_grid
-        self.scene_attributes = tuple(scene_attributes or ("shape", "colour", "size"))
         self.scenes = None
         if scene_grid is not None:
             from .synth import SynthScenes
@@ -97,12 +94,12 @@ class RAHFTorchDataset(torch.utils.data.Dataset):
             **{f"{m}_map": resize_map(getattr(ex, f"{m}_map"), self.heatmap_size) for m in MAP_NAMES},
         }
         if self.scenes is not None:
-            from .synth import scene_classes
+            from .synth import SCENE_CLASSES
 
-            t = self.scenes.targets(ex.uid, self.scene_grid, self.scene_attributes)
+            t = self.scenes.targets(ex.uid, self.scene_grid)
             item["scene_known"] = t is not None
             item["scene_targets"] = (torch.from_numpy(t) if t is not None
-                                     else torch.zeros(self.scene_grid ** 2, scene_classes(self.scene_attributes)))
+                                     else torch.zeros(self.scene_grid ** 2, SCENE_CLASSES))
         return item
 
     def __getitem__(self, i: int) -> dict:

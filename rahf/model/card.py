@@ -242,7 +242,6 @@ def build_model_card(directory: str | Path, *, metrics: Optional[Mapping[str, ob
     extra = [name for name, on in (("word head (per-word tags)", config.word_head),
                                    ("scene head (per-patch shape / colour / size, a synth training aid)",
                                     config.scene_head),
-                                   ("ground head (per-patch prompt phrase, a synth training aid)", config.ground_head),
                                    ("score heads also read the prompt tokens", config.score_text)) if on]
     if extra:
         summary.append(("extra heads", "; ".join(extra)))

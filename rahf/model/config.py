@@ -135,9 +135,6 @@ class LossConfig:
     # the scene loss's weight on a patch covered by drawn objects, relative to background (scaled by the
     # covered share): most patches are background, and shapes are learned only when objects weigh more
     scene_object_weight: float = 5.0
-    # weight of the grounding loss (soft cross-entropy of the ground head per patch, model.ground_head=true;
-    # object patches weighted like the scene loss's)
-    ground: float = 1.0
 
 
 # Named head styles: both heads, absolute in channels; the output size of every style is patch grid × 16.
@@ -230,11 +227,6 @@ class RAHFConfig:
     # a logit to each score head's (zero at initialisation). The prompt tokens are where the word head
     # finds which words are misaligned; the alignment score is a function of those words
     score_text: bool = False
-    # a linear head on the fused image tokens that names, per patch, which of the prompt's object phrases
-    # (first, second, ... in the order the prompt names them; or none) is drawn there (soft cross-entropy,
-    # loss.ground; synth training splits only): it teaches the fusion to find each phrase in the image, the
-    # step before comparing counts, places and attributes; logits returned as ``ground_logits``
-    ground_head: bool = False
 
     def __post_init__(self):
         found = head_style_of(self.heatmap_head, self.score_head)
@@ -247,14 +239,6 @@ class RAHFConfig:
             raise ConfigError(f"model.head_style={self.head_style!r}, but heatmap_head/score_head are not that "
                               f"style's ({found}); build the config with RAHFConfig.preset(..., "
                               f"head_style={self.head_style!r}) or from_dict, which apply the style")
-
-    @property
-    def target_attributes(self) -> tuple[str, ...]:
-        """The per-patch scene target columns training needs: the scene head's attributes (shape, colour,
-        size), then "group" for the ground head (empty: neither head)."""
-        from ..data.synth import DEFAULT_SCENE_ATTRIBUTES
-
-        return (DEFAULT_SCENE_ATTRIBUTES if self.scene_head else ()) + (("group",) if self.ground_head else ())
 
     # ---- derived geometry -------------------------------------------------------------
     @property

@@ -20,19 +20,16 @@ class RAHFLoss(nn.Module):
     (``batch["word_tags"]``: 1 tagged, 0 not, -1 no word) is added with weight ``word_tags``
     (key ``word_loss``); with a scene head (``model.scene_head``) the soft cross-entropy of its
     per-patch logits against ``batch["scene_targets"]`` for the records of ``batch["scene_known"]``
-    (object patches weighted by ``scene_object_weight``; the columns of ``scene_attributes``, default
-    shape, colour, size) is added with weight ``scene`` (key ``scene_loss``, :meth:`scene_loss`); with
-    a ground head (``model.ground_head``) the same loss of its logits against the targets' last columns
-    (the "group" attribute) with weight ``ground`` (key ``ground_loss``).
+    (object patches weighted by ``scene_object_weight``) is added with weight ``scene`` (key
+    ``scene_loss``, :meth:`scene_loss`).
     Heatmap MSE is pixel-wise, optionally weighting pixels with ground truth > 0 by
     ``heatmap_positive_weight`` (weighted mean). Returns ``{"loss", "heatmap_loss", "score_loss",
     "text_loss", "<map>_loss", "<score>_loss"}`` (all scalars; ``loss`` is the one to backpropagate).
     """
 
-    def __init__(self, cfg: LossConfig, scene_attributes=None):
+    def __init__(self, cfg: LossConfig):
         super().__init__()
         self.cfg = cfg
-        self.scene_attributes = tuple(scene_attributes) if scene_attributes else None  # the scene head's columns
 
     def heatmap_mse(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         err = (pred.float() - gt.float()).pow(2)  # (B, H, W)
@@ -69,19 +66,11 @@ class RAHFLoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(out.word_logits, target.clamp_min(0).float(), reduction="none")
             losses["word_loss"] = (bce * known).sum() / known.sum().clamp_min(1)
             losses["loss"] = losses["loss"] + self.cfg.word_tags * losses["word_loss"]
-        scene, ground = getattr(out, "scene_logits", None), getattr(out, "ground_logits", None)
-        if (scene is not None or ground is not None) and "scene_targets" in batch:
-            ref = scene if scene is not None else ground
-            targets, known = batch["scene_targets"].to(ref.device), batch["scene_known"].to(ref.device)
-            n = scene.shape[-1] if scene is not None else 0  # the scene head's columns first, then the group's
-            if scene is not None:
-                losses["scene_loss"] = self.scene_loss(scene, targets[..., :n], known, self.cfg.scene_object_weight,
-                                                       self.scene_attributes)
-                losses["loss"] = losses["loss"] + self.cfg.scene * losses["scene_loss"]
-            if ground is not None:
-                losses["ground_loss"] = self.scene_loss(ground, targets[..., n:], known, self.cfg.scene_object_weight,
-                                                        ("group",))
-                losses["loss"] = losses["loss"] + self.cfg.ground * losses["ground_loss"]
+        if getattr(out, "scene_logits", None) is not None and "scene_targets" in batch:
+            losses["scene_loss"] = self.scene_loss(out.scene_logits, batch["scene_targets"].to(out.scene_logits.device),
+                                                   batch["scene_known"].to(out.scene_logits.device),
+                                                   self.cfg.scene_object_weight)
+            losses["loss"] = losses["loss"] + self.cfg.scene * losses["scene_loss"]
         if self.cfg.alignment_rank > 0 and batch.get("uids"):
             losses["rank_loss"] = self.alignment_rank_loss(out.scores[:, SCORE_NAMES.index("alignment")].float(),
                                                            batch["scores"][:, SCORE_NAMES.index("alignment")].float(),
@@ -91,25 +80,20 @@ class RAHFLoss(nn.Module):
 
     @staticmethod
     def scene_loss(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
-                   object_weight: float = 1.0, attributes=None) -> torch.Tensor:
-        """Soft cross-entropy of the scene head: for each of ``attributes`` (names of
-        :data:`rahf.data.synth.SCENE_ATTRIBUTES`, default shape, colour, size; the columns of ``logits``
-        and ``targets`` in that order), its own softmax over its classes, against the
+                   object_weight: float = 1.0) -> torch.Tensor:
+        """Soft cross-entropy of the scene head: for each attribute of
+        :data:`rahf.data.synth.SCENE_ATTRIBUTES` (its own softmax over its classes), against the
         patch's class shares; summed over attributes, a weighted mean over the patches of the records
         whose scene is known (``known`` (B,) bool): a patch weighs ``1 + (object_weight - 1) * c``, c
         the share of it covered by drawn objects. 0 when no record's scene is known."""
-        from ..data.synth import DEFAULT_SCENE_ATTRIBUTES, SCENE_ATTRIBUTES, scene_classes
+        from ..data.synth import SCENE_ATTRIBUTES
 
-        attributes = tuple(attributes or DEFAULT_SCENE_ATTRIBUTES)
-        if logits.shape[-1] != scene_classes(attributes) or targets.shape[-1] != logits.shape[-1]:
-            raise ValueError(f"scene logits have {logits.shape[-1]} and targets {targets.shape[-1]} classes; "
-                             f"attributes {list(attributes)} have {scene_classes(attributes)}")
         if not bool(known.any()):
             return logits.sum() * 0.0
         logits, targets = logits[known].float(), targets[known].float()  # (B', N, C)
         w = 1.0 + (object_weight - 1.0) * (1.0 - targets[..., 0])  # class 0 of the first attribute: background
         total, start = logits.new_zeros(()), 0
-        for names in (SCENE_ATTRIBUTES[a] for a in attributes):
+        for names in SCENE_ATTRIBUTES.values():
             part = slice(start, start + len(names))
             ce = -(targets[..., part] * F.log_softmax(logits[..., part], dim=-1)).sum(-1)
             total = total + (ce * w).sum() / w.sum()

@@ -36,7 +36,6 @@ class RAHFOutput:
     encoder_mask: Optional[torch.Tensor] = field(default=None, repr=False)
     word_logits: Optional[torch.Tensor] = None  # (B, L) per prompt token, when the model has a word head
     scene_logits: Optional[torch.Tensor] = None  # (B, N, C) per patch, when the model has a scene head
-    ground_logits: Optional[torch.Tensor] = None  # (B, N, 5) per fused image token, when it has a ground head
 
 
 class RAHF(nn.Module):
@@ -80,17 +79,11 @@ class RAHF(nn.Module):
             self.score_head = ScoreHead(d, self.grid, config.score_head)
         self.word_head = nn.Linear(d, 1) if config.word_head else None
         if config.scene_head:
-            from ..data.synth import scene_classes
+            from ..data.synth import SCENE_CLASSES
 
-            self.scene_head = nn.Linear(d, scene_classes())
+            self.scene_head = nn.Linear(d, SCENE_CLASSES)
         else:
             self.scene_head = None
-        if config.ground_head:
-            from ..data.synth import scene_classes
-
-            self.ground_head = nn.Linear(d, scene_classes(("group",)))
-        else:
-            self.ground_head = None
         if config.score_text:
             self.score_text = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(inplace=True), nn.Linear(d, len(SCORE_NAMES)))
             nn.init.zeros_(self.score_text[-1].weight)
@@ -160,15 +153,13 @@ class RAHF(nn.Module):
         if self.word_head is not None:  # the prompt tokens are the last L positions in both variants
             word_logits = self.word_head(hidden[:, -input_ids.shape[1]:]).squeeze(-1).float()  # (B, L)
         scene_logits = self.scene_head(tokens).float() if self.scene_head is not None else None
-        # the fused image tokens (of the keywords task's copy in the augmented variant)
-        ground_logits = self.ground_head(hidden[:, :tokens.shape[1]]).float() if self.ground_head is not None else None
         logits = None
         if labels is not None:
             dec_in = self.t5._shift_right(labels)
             logits = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
                              decoder_input_ids=dec_in).logits
         return RAHFOutput(heatmaps=heatmaps, scores=scores, logits=logits, encoder_hidden=hidden, encoder_mask=mask,
-                          word_logits=word_logits, scene_logits=scene_logits, ground_logits=ground_logits)
+                          word_logits=word_logits, scene_logits=scene_logits)
 
     @torch.no_grad()
     def generate_ids(self, out: RAHFOutput, max_new_tokens: Optional[int] = None, **kw) -> torch.Tensor:

@@ -177,7 +177,7 @@ class Trainer:
         self._stop: Optional[StopRequest] = None
         self._limit: Optional[TimeLimit] = None
         self._compute_s = 0.0  # the current optimizer step's computation time so far
-        self.train_ds = self.open_split(cfg.data.train_split, scene=bool(cfg.model.target_attributes))
+        self.train_ds = self.open_split(cfg.data.train_split, scene=cfg.model.scene_head)
         # token limits are never silent: how many prompts / targets the collator will cut (training.json)
         self.token_lengths = {cfg.data.train_split: self.collate.split_truncation(self.train_ds.split)}
         for line in truncation_lines(cfg.data.train_split, self.token_lengths[cfg.data.train_split]):
@@ -225,14 +225,12 @@ class Trainer:
         ds = open_dataset(cfg.data.root, split, on_bad_record=cfg.data.on_bad_record)
         self.bad.opened(split, ds)
         if scene and read_dataset_info(cfg.data.root).get("source") != "synth":
-            heads = " and ".join(f"model.{h}" for h in ("scene_head", "ground_head") if getattr(cfg.model, h))
-            raise ConfigError(f"{heads}: {cfg.data.root} is not a synth dataset: scene targets exist only for "
-                              f"the generator's scenes; set {heads.replace(' and ', '=false and ')}=false to train on other data "
+            raise ConfigError(f"model.scene_head: {cfg.data.root} is not a synth dataset: scene targets exist only for "
+                              f"the generator's scenes; set model.scene_head=false to train on other data "
                               f"(configs/default.yaml turns it on for the embedded synth data; configs/paper.yaml "
                               f"and --config none do not)")
         return RAHFTorchDataset(ds, v.img_size, None if stored_maps else cfg.model.heatmap_size, v.mean, v.std,
-                                scene_grid=cfg.model.grid_size if scene else None,
-                                scene_attributes=cfg.model.target_attributes)
+                                scene_grid=cfg.model.grid_size if scene else None)
 
     def start_tracking(self) -> None:
         cfg = self.cfg
