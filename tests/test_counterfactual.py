@@ -180,6 +180,23 @@ def test_counterfactual_metrics_on_the_tiny_model(synth_root):
     assert m["counterfactual/variant_keyword_f1"] == pytest.approx(kw["f1"], abs=1e-12, nan_ok=True)
     assert "one-word swaps, exact labels" in format_counterfactual(m)
     assert f"{sorted(kinds)[0]} " in format_counterfactual(m).split("by swap kind")[1]
+    # the own prompts' misaligned words by the error that tags them: every tagged word of the label is
+    # counted under one error, and the recall is the share of them the model tagged
+    per_error: dict = {}
+    for k, it in enumerate(items):
+        if it.swapped is None:
+            gold, got = parse_tagged(it.tagged)[1], parse_tagged(tagged[k])[1]
+            assert [e is not None for e in it.word_errors] == gold
+            for e, g, p in zip(it.word_errors, gold, got):
+                if g:
+                    per_error.setdefault(e, []).append(float(p))
+    assert per_error and sum(len(v) for v in per_error.values()) == sum(
+        sum(parse_tagged(items[own[g]].tagged)[1]) for g in groups)
+    assert {k.rsplit("/", 1)[1] for k in m if k.startswith("counterfactual/own_tags/")} == set(per_error)
+    for e, v in per_error.items():
+        assert m[f"counterfactual/own_tags/{e}"] == len(v)
+        assert m[f"counterfactual/own_tag_recall/{e}"] == pytest.approx(np.mean(v), abs=1e-12)
+    assert "by error: " in format_counterfactual(m)
 
 
 def test_counterfactual_metrics_of_the_hand_set_model(synth_root, known_ckpt):

@@ -12,6 +12,7 @@ import pytest
 
 from rahf.cli import main as rahf_main
 from rahf.data import SCORE_NAMES, open_dataset, parse_tagged, split_words
+from rahf.data import synth
 from rahf.data.synth import (
     COLOURS,
     SYNTH_VOCABULARY,
@@ -294,3 +295,25 @@ def test_split_sizes_are_defined_once():
     add_synth_arguments(p)
     args = p.parse_args(["--out", "x"])
     assert {k: getattr(args, k) for k in want} == want
+
+
+def test_tag_kinds_name_the_error_behind_each_tagged_word():
+    """The module docstring's table, worked by hand on "two red circles left of a big blue square and a green
+    star": a count error tags "two", a missing group its count, size, colour and noun, a wrong place the
+    relation's words; two errors on one group (a counterfactual prompt) tag both words."""
+    spec = synth.PromptSpec(
+        [synth.Group("red", "circle", 2, None, "two"), synth.Group("blue", "square", 1, "big", "a"),
+         synth.Group("green", "star", 1, None, "a")], "left of",
+        [("two", ("count", 0)), ("red", ("colour", 0)), ("circles", ("noun", 0)), ("left", ("rel", -1)),
+         ("of", ("rel", -1)), ("a", ("count", 1)), ("big", ("size", 1)), ("blue", ("colour", 1)),
+         ("square", ("noun", 1)), ("and", None), ("a", ("count", 2)), ("green", ("colour", 2)), ("star", ("noun", 2))])
+    assert synth.tag_kinds(spec, {0: {"count"}, 1: {"missing"}}, True) == [
+        "count", None, None, "place", "place", "missing", "missing", "missing", "missing", None, None, None, None]
+    assert synth.tag_kinds(spec, {2: {"colour", "shape"}}, False) == [None] * 11 + ["colour", "shape"]
+    assert synth.tag_kinds(spec, {}, False) == [None] * 13
+    # the generator's tags are the words tag_kinds names
+    for i in range(30):
+        rec = synth.make_record(0, "train", i, 32)
+        kinds = synth.tag_kinds(rec.scene.spec, {g: {k} for g, k in rec.scene.errors.items()}, rec.scene.place_error)
+        assert [k is not None for k in kinds] == parse_tagged(rec.tagged_prompt)[1]
+        assert {k for k in kinds if k} == set(rec.scene.errors.values()) | ({"place"} if rec.scene.place_error else set())

@@ -632,16 +632,29 @@ def _true_scores(scene: Scene) -> dict[str, float]:
     return {"plausibility": plaus, "alignment": align, "aesthetics": aes, "overall": overall}
 
 
+TAG_KINDS = ("colour", "shape", "count", "size", "missing", "place")
+
+
+def tag_kinds(spec: PromptSpec, errors: dict[int, set[str]], place: bool) -> list[str | None]:
+    """Per word of ``spec``'s prompt, the error that makes it misaligned (:data:`TAG_KINDS`, the table in
+    the module docstring: a wrong colour, shape, count or size tags that word of the group; a missing
+    group its count, size, colour and noun; a wrong place the relation's words), or None for a word
+    that is not tagged. ``errors``: per group, a set of error kinds (a counterfactual prompt's group
+    can carry two)."""
+    bad: dict[tuple[str, int], str] = {}
+    for gi, kinds in errors.items():
+        for kind in sorted(kinds, key=lambda k: k != "missing"):  # a missing group's words are "missing"
+            if kind == "missing":
+                bad.update({(attr, gi): "missing" for attr in ("count", "size", "colour", "noun")})
+            else:
+                bad.setdefault(({"shape": "noun"}.get(kind, kind), gi), kind)
+    if place:
+        bad[("rel", -1)] = "place"
+    return [bad.get(role) if isinstance(role, tuple) else None for role in spec.roles]
+
+
 def _tags(scene: Scene) -> list[bool]:
-    bad: set[tuple[str, int]] = set()
-    for gi, kind in scene.errors.items():
-        if kind == "missing":
-            bad |= {("count", gi), ("size", gi), ("colour", gi), ("noun", gi)}
-        else:
-            bad.add(({"shape": "noun"}.get(kind, kind), gi))
-    if scene.place_error:
-        bad.add(("rel", -1))
-    return [role in bad for role in scene.spec.roles]
+    return [k is not None for k in tag_kinds(scene.spec, {g: {k} for g, k in scene.errors.items()}, scene.place_error)]
 
 
 # ----------------------------------------------------------------------------------------------

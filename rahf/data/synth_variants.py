@@ -100,16 +100,7 @@ def exact_errors(scene: synth.Scene, spec: synth.PromptSpec) -> tuple[dict[int, 
 
 
 def variant_tags(spec: synth.PromptSpec, errors: dict[int, set[str]], place: bool) -> list[bool]:
-    bad: set[tuple[str, int]] = set()
-    for gi, kinds in errors.items():
-        for kind in kinds:
-            if kind == "missing":
-                bad |= {("count", gi), ("size", gi), ("colour", gi), ("noun", gi)}
-            else:
-                bad.add(({"shape": "noun"}.get(kind, kind), gi))
-    if place:
-        bad.add(("rel", -1))
-    return [role in bad for role in spec.roles]
+    return [k is not None for k in synth.tag_kinds(spec, errors, place)]
 
 
 def true_alignment_of(spec: synth.PromptSpec, errors: dict[int, set[str]], place: bool) -> float:

@@ -18,6 +18,11 @@ run and every caller gets the same ones). Keys (all under ``counterfactual/``):
   prompts of one image (mean over images) and over the images' own prompts; a model that ignores the
   prompt has ``spread_within`` near 0. ``label_spread_within`` / ``label_spread_across``: the same for
   the labels (synth only);
+* ``own_tag_recall/<error>``, ``own_tags/<error>`` (synth, exact labels): over the records' own prompts,
+  the fraction of the misaligned words that the model tags, by the error that makes them misaligned
+  (``colour``, ``shape``, ``count``, ``size``, ``missing`` — a missing group's count, size, colour and
+  noun —, ``place`` — the relation's words; :func:`rahf.data.synth.tag_kinds`), and how many there
+  are: which errors the keyword output finds;
 * on synth data, where the scene is regenerated from the dataset's seed and the record's uid, every
   variant carries exact labels (:mod:`rahf.data.synth_variants`): ``pairwise_acc`` uses pairs whose
   noise-free alignment drops by at least ``margin``, ``swapped_tagged`` the variants whose swapped word
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.format import read_dataset_info
+from ..data.synth import TAG_KINDS, tag_kinds
 from ..schema import SCORE_NAMES, parse_tagged
 from ..swaps import DEFAULT_SWAPS, SYNTH_SWAPS, word_swaps
 from .metrics import heatmap_metrics, keyword_metrics, plcc
@@ -62,6 +68,7 @@ class _Item:
     mis_map: Optional[np.ndarray] = field(default=None, repr=False)
     swapped_bad: bool = True  # whether the swapped word is misaligned in the label
     kind: Optional[str] = None  # the swap's kind (rahf.swaps), for variants
+    word_errors: Optional[list] = None  # per word, the error that tags it or None (exact labels only)
 
 
 def _scorer(model_or_scorer):
@@ -97,9 +104,11 @@ def build_items(split, max_records: Optional[int] = None, variants: int = 4, see
             for s in word_swaps(ex.prompt, ex.uid, variants, vocab, seed=seed):
                 items.append(_Item(i, s.prompt, s.index, kind=s.kind))
             continue
-        true_al = sv.true_alignment_of(rec.scene.spec, {g: {k} for g, k in rec.scene.errors.items()}, rec.scene.place_error)
+        errors = {g: {k} for g, k in rec.scene.errors.items()}
+        true_al = sv.true_alignment_of(rec.scene.spec, errors, rec.scene.place_error)
         items.append(_Item(i, ex.prompt, tagged=rec.tagged_prompt, alignment=rec.scores["alignment"],
-                           true_alignment=true_al, mis_map=rec.misalignment_map))
+                           true_alignment=true_al, mis_map=rec.misalignment_map,
+                           word_errors=tag_kinds(rec.scene.spec, errors, rec.scene.place_error)))
         for v in sv.record_variants(rec, variants, seed):
             r = v.record
             bad = parse_tagged(r.tagged_prompt)[1][v.swap.index]
@@ -171,6 +180,17 @@ def counterfactual_metrics(model_or_scorer, split, max_records: Optional[int] = 
         m[f"swapped_tagged/{kind}"] = float(np.mean(h)) if h else math.nan
     aligned = [k for k, it in enumerate(items) if it.swapped is None and it.tagged is not None
                and not any(parse_tagged(it.tagged)[1])]
+    # the own prompts' misaligned words, by the error that tags them: which errors the model finds
+    found: dict[str, list] = {}
+    for k, it in enumerate(items):
+        if it.swapped is None and it.word_errors is not None:
+            flags = parse_tagged(tagged[k])[1] if tagged[k] else []
+            for j, err in enumerate(it.word_errors):
+                if err is not None:
+                    found.setdefault(err, []).append(float(j < len(flags) and flags[j]))
+    for err in [e for e in TAG_KINDS if e in found]:
+        m[f"own_tag_recall/{err}"] = float(np.mean(found[err]))
+        m[f"own_tags/{err}"] = float(len(found[err]))
     m["aligned_tagged"] = (float(np.mean([any(parse_tagged(tagged[k])[1]) if tagged[k] else 0.0 for k in aligned]))
                            if aligned else math.nan)
     m["spread_within"] = _std_within(pred, groups)
@@ -217,6 +237,10 @@ def format_counterfactual(metrics: dict[str, float]) -> str:
     if kinds:
         lines.append("  by swap kind (pairwise / swapped tagged): " + "; ".join(
             f"{k} {_pct(g[f'pairwise_acc/{k}'])} / {_pct(g[f'swapped_tagged/{k}'])}" for k in kinds))
+    errs = [k.split("/", 1)[1] for k in g if k.startswith("own_tags/")]
+    if errs:
+        lines.append("  own prompts' misaligned words tagged, by error: " + "; ".join(
+            f"{e} {_pct(g[f'own_tag_recall/{e}'])} of {int(g[f'own_tags/{e}'])}" for e in errs))
     if g.get("exact"):
         lines.append(f"  on own + variant prompts: alignment PLCC {g['variant_alignment_plcc']:.3f} (within images "
                      f"{g['within_alignment_plcc']:.3f}), keyword F1 {100 * g['variant_keyword_f1']:.1f}, "
