@@ -36,14 +36,14 @@ def test_default_job_is_the_defaults_with_the_prompt_reading_switches():
     assert TrainConfig().model == RAHFConfig() == RAHFConfig.preset("tiny")
     assert default_config_path().name == "default.yaml"
     cfg = resolve_config(str(default_config_path()))
-    # the default job: the defaults, 1,050 steps under a safety time cap, the curriculum data, the tiny ViT with a
+    # the default job: the defaults, 960 steps under a safety time cap, the curriculum data, the tiny ViT with a
     # convolutional stem, a scene head and a word head, whose tags the evaluation reports, and score
     # heads that also read the prompt tokens
     base = TrainConfig()
     want = TrainConfig(
-        train={**to_dict(base.train), "max_steps": 1050, "time_limit_minutes": 9.0},
-        eval={**to_dict(base.eval), "decode": "word_head", "every": 350},
-        checkpoint={**to_dict(base.checkpoint), "every": 350},
+        train={**to_dict(base.train), "max_steps": 960, "time_limit_minutes": 9.0},
+        eval={**to_dict(base.eval), "decode": "word_head", "every": 320},
+        checkpoint={**to_dict(base.checkpoint), "every": 320},
         data={**to_dict(base.data), "curriculum": [1.0, 1.0, 0.6, 0.4, 0.3], "group_variants": False,
               "synth": {**to_dict(base.data.synth), "prompts_per_image": 2, "variant_pick": "balanced",
                         "easy_fraction": 0.4}},
