@@ -261,6 +261,11 @@ class Scene:
     artifacts: list[Artifact] = field(default_factory=list)
     dull: float = 0.0  # background dullness in [0, 1]: darker, muddier, grainier
 
+    @property
+    def error_sets(self) -> dict[int, set[str]]:
+        """``errors`` as per-group sets, the form :func:`tag_kinds` and the counterfactual variants use."""
+        return {g: {k} for g, k in self.errors.items()}
+
 
 def _allowed_errors(spec: PromptSpec, gi: int) -> list[str]:
     g, rel = spec.groups[gi], spec.relation
@@ -643,18 +648,18 @@ def tag_kinds(spec: PromptSpec, errors: dict[int, set[str]], place: bool) -> lis
     can carry two)."""
     bad: dict[tuple[str, int], str] = {}
     for gi, kinds in errors.items():
-        for kind in sorted(kinds, key=lambda k: k != "missing"):  # a missing group's words are "missing"
-            if kind == "missing":
-                bad.update({(attr, gi): "missing" for attr in ("count", "size", "colour", "noun")})
-            else:
-                bad.setdefault(({"shape": "noun"}.get(kind, kind), gi), kind)
+        if "missing" in kinds:
+            bad.update({(attr, gi): "missing" for attr in ("count", "size", "colour", "noun")})
+            continue
+        for kind in kinds:
+            bad[({"shape": "noun"}.get(kind, kind), gi)] = kind
     if place:
         bad[("rel", -1)] = "place"
     return [bad.get(role) if isinstance(role, tuple) else None for role in spec.roles]
 
 
 def _tags(scene: Scene) -> list[bool]:
-    return [k is not None for k in tag_kinds(scene.spec, {g: {k} for g, k in scene.errors.items()}, scene.place_error)]
+    return [k is not None for k in tag_kinds(scene.spec, scene.error_sets, scene.place_error)]
 
 
 # ----------------------------------------------------------------------------------------------

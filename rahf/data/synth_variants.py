@@ -136,7 +136,7 @@ def make_variant(rec: synth.SynthRecord, swap: WordSwap, uid: str) -> Variant:
     scene = rec.scene
     spec = _new_spec(scene.spec, swap)
     errors, place = exact_errors(scene, spec)
-    old = true_alignment_of(scene.spec, {g: {k} for g, k in scene.errors.items()}, scene.place_error)
+    old = true_alignment_of(scene.spec, scene.error_sets, scene.place_error)
     new = true_alignment_of(spec, errors, place)
     scores = dict(rec.scores)
     scores["alignment"] = round(float(np.clip(rec.scores["alignment"] + new - old, 0, 1)), 4)
@@ -173,7 +173,7 @@ def record_variants(rec: synth.SynthRecord, n: int, seed: int = 0, pick: str = "
     rng = swap_rng(rec.uid, seed)
     cands = synth_swaps(rec)
     if pick == "balanced" and (rec.scene.errors or rec.scene.place_error):
-        base = _error_count({g: {k} for g, k in rec.scene.errors.items()}, rec.scene.place_error)
+        base = _error_count(rec.scene.error_sets, rec.scene.place_error)
         fixing = [s for s in cands if _error_count(*exact_errors(rec.scene, _new_spec(rec.scene.spec, s))) < base]
         first = [fixing[int(i)] for i in rng.permutation(len(fixing))[:n]]
         rest = pick_swaps([c for c in cands if c not in first], n - len(first), rng)

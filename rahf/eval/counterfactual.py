@@ -104,7 +104,7 @@ def build_items(split, max_records: Optional[int] = None, variants: int = 4, see
             for s in word_swaps(ex.prompt, ex.uid, variants, vocab, seed=seed):
                 items.append(_Item(i, s.prompt, s.index, kind=s.kind))
             continue
-        errors = {g: {k} for g, k in rec.scene.errors.items()}
+        errors = rec.scene.error_sets
         true_al = sv.true_alignment_of(rec.scene.spec, errors, rec.scene.place_error)
         items.append(_Item(i, ex.prompt, tagged=rec.tagged_prompt, alignment=rec.scores["alignment"],
                            true_alignment=true_al, mis_map=rec.misalignment_map,
